@@ -1,0 +1,334 @@
+"""Read COCO-format entity annotations (EntitySeg, COCO panoptic converted, our synthetic set).
+
+Entity segmentation is class-agnostic: every non-crowd annotation is one entity, whatever its
+``category_id``. Crowd annotations (``iscrowd=1``) are kept out of the training targets, as
+pycocotools keeps them out of the matching (it only uses them as regions to ignore); their count
+is recorded per image. Masks are decoded with pycocotools from compressed or uncompressed RLE or
+from polygons. Images are read with their EXIF orientation applied, as EntitySeg's photos carry
+it, and converted to 8-bit RGB.
+
+Also converts COCO panoptic (PNG segment ids ``R + 256 G + 256^2 B``) to an entity json, the way
+COCO is prepared for entity pre-training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from entityseg.data.errors import EntityDataError
+
+log = logging.getLogger(__name__)
+
+ENTITY_CATEGORY = {"id": 1, "name": "entity", "supercategory": "entity"}
+
+
+@dataclass(frozen=True)
+class EntityImage:
+    """One image of an entity json: where it is and its non-crowd entity annotations."""
+
+    json_path: Path
+    image_id: int
+    path: Path
+    height: int
+    width: int
+    annotations: tuple[dict, ...]
+    num_crowd: int
+
+
+def load_entity_json(json_path: str | Path, image_dir: str | Path) -> list[EntityImage]:
+    """Index a COCO instance json: one :class:`EntityImage` per image, in the json's order.
+
+    Raises :class:`EntityDataError` naming the file when it is not COCO instance json.
+    """
+    json_path, image_dir = Path(json_path), Path(image_dir)
+    try:
+        with open(json_path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise EntityDataError(json_path, "annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EntityDataError(json_path, f"not valid json ({err})") from None
+    _check_coco_layout(data, json_path)
+
+    by_image: dict[int, list[dict]] = {}
+    image_ids = {img["id"] for img in data["images"]}
+    for ann in data["annotations"]:
+        if ann["image_id"] not in image_ids:
+            raise EntityDataError(
+                json_path, f"image_id {ann['image_id']} is not in 'images'", ann["id"]
+            )
+        by_image.setdefault(ann["image_id"], []).append(ann)
+
+    images = []
+    for img in data["images"]:
+        anns = by_image.get(img["id"], [])
+        entities = tuple(a for a in anns if not a.get("iscrowd", 0))
+        images.append(
+            EntityImage(
+                json_path=json_path,
+                image_id=int(img["id"]),
+                path=image_dir / img["file_name"],
+                height=int(img["height"]),
+                width=int(img["width"]),
+                annotations=entities,
+                num_crowd=len(anns) - len(entities),
+            )
+        )
+    return images
+
+
+def _check_coco_layout(data: object, json_path: Path) -> None:
+    if not isinstance(data, dict):
+        raise EntityDataError(json_path, "not a COCO instance json: top level is not an object")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise EntityDataError(json_path, f"not a COCO instance json: no '{key}' list")
+    for img in data["images"]:
+        missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
+        if missing:
+            raise EntityDataError(json_path, f"image entry {img.get('id')} lacks {missing}")
+    for ann in data["annotations"]:
+        missing = [k for k in ("id", "image_id", "segmentation") if k not in ann]
+        if missing:
+            raise EntityDataError(json_path, f"annotation lacks {missing}", ann.get("id"))
+
+
+def read_rgb_image(path: str | Path) -> np.ndarray:
+    """Read an image as uint8 RGB ``[H, W, 3]`` with its EXIF orientation applied.
+
+    Grayscale is replicated to three channels, alpha is dropped, 16-bit images keep their high
+    byte. Missing, empty, truncated or non-image files raise :class:`EntityDataError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EntityDataError(path, "image file not found")
+    if path.stat().st_size == 0:
+        raise EntityDataError(path, "image file is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb8(img)
+    except UnidentifiedImageError:
+        raise EntityDataError(path, "not an image file") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise EntityDataError(path, f"corrupt image ({err})") from None
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(img).astype(np.int64)
+        shift = 8 if array.max(initial=0) > 255 else 0
+        gray = np.clip(array >> shift, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        gray = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_entity_image(record: EntityImage) -> np.ndarray:
+    """Read a record's image and check its size against the json's ``height`` x ``width``."""
+    image = read_rgb_image(record.path)
+    if image.shape[:2] != (record.height, record.width):
+        h, w = image.shape[:2]
+        raise EntityDataError(
+            record.path,
+            f"image is {w}x{h} (after EXIF orientation) but its json entry {record.image_id} "
+            f"says {record.width}x{record.height}",
+        )
+    return image
+
+
+def decode_entity_mask(
+    ann: dict,
+    height: int,
+    width: int,
+    source: str | Path,
+    strict: bool = True,
+    stats: Counter | None = None,
+) -> np.ndarray:
+    """Decode one annotation's segmentation to a uint8 ``[height, width]`` mask with pycocotools.
+
+    Raises :class:`EntityDataError` (naming ``source`` and the annotation id) for an empty or
+    degenerate polygon, an RLE whose size is not the image's, or an unknown format. A
+    self-intersecting polygon is an error in ``strict`` mode; otherwise it is rasterised as
+    pycocotools does (so training sees what evaluation scores), logged and counted in ``stats``.
+    """
+    segm = ann.get("segmentation")
+    ann_id = ann.get("id")
+    if isinstance(segm, dict):
+        return _decode_rle(segm, height, width, source, ann_id)
+    if isinstance(segm, list):
+        return _decode_polygons(segm, height, width, source, ann_id, strict, stats)
+    raise EntityDataError(source, f"segmentation of type {type(segm).__name__}", ann_id)
+
+
+def _decode_rle(segm: dict, height: int, width: int, source, ann_id) -> np.ndarray:
+    size, counts = segm.get("size"), segm.get("counts")
+    if size is None or counts is None:
+        raise EntityDataError(source, "RLE without 'size' and 'counts'", ann_id)
+    if [int(s) for s in size] != [height, width]:
+        raise EntityDataError(
+            source, f"RLE size {list(size)} disagrees with image size [{height}, {width}]", ann_id
+        )
+    if isinstance(counts, list):
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        rle = {"size": [height, width], "counts": counts}
+    try:
+        return mask_utils.decode(rle)
+    except Exception as err:  # pycocotools raises bare exceptions on broken counts
+        raise EntityDataError(source, f"RLE cannot be decoded ({err})", ann_id) from None
+
+
+def _decode_polygons(
+    polygons: list, height: int, width: int, source, ann_id, strict: bool, stats: Counter | None
+) -> np.ndarray:
+    if not polygons or any(not isinstance(p, list) or len(p) < 6 for p in polygons):
+        raise EntityDataError(source, "empty polygon (fewer than 3 points)", ann_id)
+    if any(len(p) % 2 for p in polygons):
+        raise EntityDataError(source, "polygon with an odd number of coordinates", ann_id)
+    if any(_self_intersects(np.asarray(p, dtype=np.float64).reshape(-1, 2)) for p in polygons):
+        if strict:
+            raise EntityDataError(source, "self-intersecting polygon", ann_id)
+        log.warning(
+            "%s: annotation %s: self-intersecting polygon, rasterised as is", source, ann_id
+        )
+        if stats is not None:
+            stats["self_intersecting_polygon"] += 1
+    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    mask = mask_utils.decode(rle)
+    if not mask.any():
+        raise EntityDataError(source, "polygon covers no pixel", ann_id)
+    return mask
+
+
+def _self_intersects(points: np.ndarray) -> bool:
+    """True if two non-adjacent edges of the closed polygon cross (proper intersection)."""
+    n = len(points)
+    if n < 4:
+        return False
+    a, b = points, np.roll(points, -1, axis=0)  # edge i goes a[i] -> b[i]
+    i, j = np.triu_indices(n, k=2)
+    keep = ~((i == 0) & (j == n - 1))  # the first and last edges share a vertex
+    i, j = i[keep], j[keep]
+
+    def orient(p, q, r):
+        return np.sign(
+            (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
+            - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0])
+        )
+
+    d1, d2 = orient(a[i], b[i], a[j]), orient(a[i], b[i], b[j])
+    d3, d4 = orient(a[j], b[j], a[i]), orient(a[j], b[j], b[i])
+    return bool(np.any((d1 * d2 < 0) & (d3 * d4 < 0)))
+
+
+def iter_entity_masks(
+    record: EntityImage, strict: bool = True, stats: Counter | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(annotation id, mask [H, W] uint8)`` for each entity of an image.
+
+    In non-strict mode an annotation that cannot be decoded is logged, counted in
+    ``stats["skipped_annotation"]`` and left out; in strict mode it raises. Errors name the
+    json, the image and the annotation id.
+    """
+    source = f"{record.json_path} (image {record.path.name})"
+    for ann in record.annotations:
+        try:
+            mask = decode_entity_mask(ann, record.height, record.width, source, strict, stats)
+        except EntityDataError as err:
+            if strict:
+                raise
+            log.warning("skipped: %s", err)
+            if stats is not None:
+                stats["skipped_annotation"] += 1
+            continue
+        yield int(ann["id"]), mask
+
+
+def panoptic_to_entity_json(
+    panoptic_json: str | Path, panoptic_dir: str | Path, out_json: str | Path
+) -> Path:
+    """Convert COCO panoptic annotations to a class-agnostic entity json (RLE, category 1).
+
+    Every thing and stuff segment is an entity; crowd segments keep ``iscrowd=1``. Annotation
+    ids are the panoptic segment ids made unique across images by renumbering from 1.
+    """
+    panoptic_json, panoptic_dir = Path(panoptic_json), Path(panoptic_dir)
+    with open(panoptic_json) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+        raise EntityDataError(panoptic_json, "not a COCO panoptic json: no 'images'/'annotations'")
+    sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
+    annotations = []
+    for pan in data["annotations"]:
+        png = panoptic_dir / pan["file_name"]
+        ids = _read_panoptic_ids(png)
+        if ids.shape != sizes[pan["image_id"]]:
+            raise EntityDataError(
+                png, f"PNG is {ids.shape} but the image is {sizes[pan['image_id']]}"
+            )
+        for seg in pan["segments_info"]:
+            mask = ids == seg["id"]
+            if not mask.any():
+                raise EntityDataError(png, f"segment {seg['id']} has no pixel")
+            annotations.append(
+                mask_to_annotation(
+                    len(annotations) + 1, pan["image_id"], mask, seg.get("iscrowd", 0)
+                )
+            )
+    images = [{k: img[k] for k in ("id", "file_name", "height", "width")} for img in data["images"]]
+    out = {"images": images, "annotations": annotations, "categories": [ENTITY_CATEGORY]}
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_json, "w") as f:
+        json.dump(out, f)
+    return out_json
+
+
+def _read_panoptic_ids(png: Path) -> np.ndarray:
+    try:
+        rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int64)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise EntityDataError(png, f"cannot read panoptic PNG ({err})") from None
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def mask_to_annotation(ann_id: int, image_id: int, mask: np.ndarray, iscrowd: int = 0) -> dict:
+    """A COCO annotation (compressed RLE, category 1) for a binary ``[H, W]`` mask."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": ENTITY_CATEGORY["id"],
+        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()},
+        "area": int(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "iscrowd": int(iscrowd),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m entityseg.data.coco_entity PANOPTIC_JSON PANOPTIC_PNG_DIR OUT_JSON``."""
+    parser = argparse.ArgumentParser(description="COCO panoptic -> class-agnostic entity json")
+    parser.add_argument("panoptic_json")
+    parser.add_argument("panoptic_dir")
+    parser.add_argument("out_json")
+    args = parser.parse_args(argv)
+    print(panoptic_to_entity_json(args.panoptic_json, args.panoptic_dir, args.out_json))
+
+
+if __name__ == "__main__":
+    main()

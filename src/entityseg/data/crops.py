@@ -1,0 +1,160 @@
+"""Crop boxes Gamma{I^O, delta} and the geometry between a crop view I^C and the image I^O.
+
+CropFormer pairs the full image I^O with crops I^C of ratio delta, all resized to the same
+network size. This module decides *where* the crops are (``crop_boxes``), cuts and resizes an
+image or its masks to a view (``crop_and_resize``), and maps a view's mask back into the
+original image (``paste_into_original``). Boxes are ``(x0, y0, x1, y1)`` integer pixels of the
+original image, x1/y1 exclusive.
+
+Both directions use half-pixel centres (OpenCV ``INTER_LINEAR`` / ``INTER_NEAREST_EXACT``,
+PyTorch ``bilinear`` with ``align_corners=False`` / ``nearest-exact``), so a crop resized by an
+integer factor and pasted back lands exactly on the pixels it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Box = tuple[int, int, int, int]
+
+#: Layouts accepted by :func:`crop_boxes`.
+CROP_LAYOUTS = ("fixed4", "fixed8", "random")
+
+#: The release's CROP_STRIDE_RATIO: crops start every 0.6 of the side, clamped to the border.
+STRIDE_RATIO = 0.6
+
+
+def check_delta(delta: float | Sequence[float]) -> None:
+    """Raise ``ValueError`` unless delta (or each end of a range) lies in (0, 1]."""
+    values = [delta] if isinstance(delta, int | float) else list(delta)
+    if not values or any(not 0.0 < float(v) <= 1.0 for v in values):
+        raise ValueError(f"crop ratio delta={delta} is outside (0, 1]")
+    if len(values) == 2 and values[0] > values[1]:
+        raise ValueError(f"crop ratio range delta={delta} is not (low, high)")
+
+
+def check_layout(layout: str) -> None:
+    """Raise ``ValueError`` for an unknown crop layout."""
+    if layout not in CROP_LAYOUTS:
+        raise ValueError(f"unknown crop layout {layout!r}; expected one of {CROP_LAYOUTS}")
+
+
+def crop_boxes(
+    height: int,
+    width: int,
+    layout: str = "fixed4",
+    delta: float | tuple[float, float] = 0.7,
+    rng: np.random.Generator | None = None,
+) -> list[Box]:
+    """Crop boxes of one image, in integer pixels of that image.
+
+    Layouts:
+      * ``fixed4``: the release's grid. Crop size ``int(delta*W) x int(delta*H)``; starts every
+        ``int(0.6*W)`` / ``int(0.6*H)`` pixels, each clamped so the crop ends at the border;
+        row by row. For every image of at least 4 x 4 pixels this gives the four corner crops
+        (top-left, top-right, bottom-left, bottom-right).
+      * ``fixed8``: the ``fixed4`` corners followed by the four edge centres (top, left, right,
+        bottom), each centred on its edge (offset ``(W - w) // 2`` or ``(H - h) // 2``).
+        ``fixed8[:4] == fixed4``.
+      * ``random``: one crop of the same size at a uniformly random integer position; ``delta``
+        may be a ``(low, high)`` range, from which one ratio is drawn per call. Needs ``rng``.
+    """
+    check_layout(layout)
+    if layout != "random" and not isinstance(delta, int | float):
+        raise ValueError(f"crop layout {layout!r} takes one ratio delta, got {delta}")
+    check_delta(delta)
+    if height < 4 or width < 4:
+        raise ValueError(f"image of {width}x{height} pixels is too small to crop")
+    if layout == "random":
+        if rng is None:
+            raise ValueError("crop layout 'random' needs a numpy Generator rng")
+        ratio = float(delta) if isinstance(delta, int | float) else float(rng.uniform(*delta))
+        crop_w, crop_h = _crop_size(height, width, ratio)
+        x0 = int(rng.integers(0, width - crop_w + 1))
+        y0 = int(rng.integers(0, height - crop_h + 1))
+        return [(x0, y0, x0 + crop_w, y0 + crop_h)]
+
+    crop_w, crop_h = _crop_size(height, width, float(delta))
+    boxes = [
+        (x1 - crop_w, y1 - crop_h, x1, y1)
+        for y1 in _clamped_ends(height, crop_h)
+        for x1 in _clamped_ends(width, crop_w)
+    ]
+    if layout == "fixed8":
+        mid_x, mid_y = (width - crop_w) // 2, (height - crop_h) // 2
+        far_x, far_y = width - crop_w, height - crop_h
+        boxes += [
+            (mid_x, 0, mid_x + crop_w, crop_h),
+            (0, mid_y, crop_w, mid_y + crop_h),
+            (far_x, mid_y, width, mid_y + crop_h),
+            (mid_x, far_y, mid_x + crop_w, height),
+        ]
+    return boxes
+
+
+def _crop_size(height: int, width: int, ratio: float) -> tuple[int, int]:
+    return max(1, int(ratio * width)), max(1, int(ratio * height))
+
+
+def _clamped_ends(side: int, crop: int) -> list[int]:
+    """Exclusive ends of the release's crops along one side: start every 0.6 side, clamp."""
+    stride = int(STRIDE_RATIO * side)
+    return [min(start + crop, side) for start in range(0, side, stride)]
+
+
+def crop_and_resize(
+    array: np.ndarray, box: Box, size: tuple[int, int], is_mask: bool = False
+) -> np.ndarray:
+    """Cut ``box`` out of an image ``[H, W, C]`` (or masks ``[M, H, W]``) and resize to (h, w).
+
+    Images are resized bilinearly, masks with exact nearest neighbour (half-pixel centres), the
+    same conventions :func:`paste_into_original` inverts.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    out_h, out_w = size
+    view = A.Compose(
+        [
+            A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
+            A.Resize(
+                out_h,
+                out_w,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST_EXACT,
+            ),
+        ]
+    )
+    if not is_mask:
+        return view(image=array)["image"]
+    if len(array) == 0:
+        return np.zeros((0, out_h, out_w), dtype=array.dtype)
+    # albumentations takes masks as [M, H, W] next to an image of the same H, W.
+    placeholder = np.zeros(array.shape[1:3], dtype=np.uint8)
+    return view(image=placeholder, masks=array)["masks"]
+
+
+def paste_into_original(
+    view: torch.Tensor, box: Sequence[float], original_size: tuple[int, int], mode: str = "bilinear"
+) -> torch.Tensor:
+    """Map a crop view's maps ``[..., h, w]`` into the original image ``[..., H, W]``.
+
+    The view is resized to its box's size and placed at the box; pixels outside the box are 0.
+    Use ``mode="bilinear"`` for probabilities and ``"nearest-exact"`` for binary masks (cast
+    to float first). The box must be integer pixels inside the image.
+    """
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    height, width = original_size
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {tuple(box)} is not inside an image of {width}x{height}")
+    lead = view.shape[:-2]
+    flat = view.reshape(-1, 1, *view.shape[-2:])
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(flat, size=(y1 - y0, x1 - x0), mode=mode, **kwargs)
+    out = view.new_zeros(flat.shape[0], 1, height, width)
+    out[..., y0:y1, x0:x1] = resized
+    return out.reshape(*lead, height, width)

@@ -1,0 +1,218 @@
+"""LightningDataModule: COCO entity json + images -> batches of CropFormer views.
+
+Training batches hold V = 2 views (I^O and one crop I^C) with per-view targets; validation and
+test batches hold V = 1 + k views (k = 4 or 8 fixed crops) and the image ids that the AP^e
+evaluation looks up in the json. With ``synthetic`` set, the embedded synthetic data set is
+generated on first use (``prepare_data``), so quick runs need no download.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from entityseg.config import ConfigError
+from entityseg.data.coco_entity import load_entity_json
+from entityseg.data.crops import CROP_LAYOUTS, check_delta
+from entityseg.data.synthetic import generate_dataset
+from entityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, scaled_sizes
+from entityseg.data.views import EntityViewsDataset, ViewConfig, collate_views
+
+log = logging.getLogger(__name__)
+
+#: The release's training short sides (640..800, step 32).
+RECIPE_TRAIN_SHORT_SIZES = tuple(range(640, 801, 32))
+
+
+class EntityDataModule(L.LightningDataModule):
+    """Entity segmentation data for CropFormer.
+
+    Args:
+        train_json, train_images: COCO entity json and image folder for training.
+        val_json, val_images: the same for validation (and test unless ``test_json`` is given).
+        synthetic: if set, ``{"num_train", "num_val", "seed", "height", "width"}``: the train
+            and val sets are generated into the folders of ``train_json`` / ``val_json`` when
+            their json is missing.
+        batch_size, val_batch_size, num_workers: loader settings.
+        crop_delta: crop ratio delta of width and height.
+        train_crop_layout: ``random``, ``fixed4`` or ``fixed8`` (one crop is used per image).
+        test_crop_layout: ``fixed4`` or ``fixed8`` (all crops are used).
+        train_short_sizes, train_max_size, test_short_size, test_max_size: resize recipe, all
+            multiplied by ``size_scale`` (1.0 = the release; smaller for CPU runs).
+        flip_prob: probability of a horizontal flip of both views at train time.
+        size_divisibility: batches are zero-padded to a multiple of it.
+        pixel_mean, pixel_std: normalisation in 0..255 RGB (the backbone's).
+        skip_empty_train: leave images without entities out of training (kept for evaluation).
+        strict: fail on bad input instead of logging and counting a skip.
+        seed: seed of the per-sample random generators.
+    """
+
+    def __init__(
+        self,
+        train_json: str,
+        train_images: str,
+        val_json: str,
+        val_images: str,
+        test_json: str | None = None,
+        test_images: str | None = None,
+        synthetic: dict | None = None,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 2,
+        crop_delta: float = 0.7,
+        train_crop_layout: str = "fixed4",
+        test_crop_layout: str = "fixed4",
+        train_short_sizes: Sequence[int] = RECIPE_TRAIN_SHORT_SIZES,
+        train_max_size: int = 1333,
+        test_short_size: int = 800,
+        test_max_size: int = 1333,
+        size_scale: float = 1.0,
+        flip_prob: float = 0.5,
+        size_divisibility: int = 32,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
+        skip_empty_train: bool = True,
+        strict: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self._check_arguments()
+        hp = self.hparams
+        common = dict(
+            crop_delta=float(crop_delta),
+            pixel_mean=tuple(float(v) for v in pixel_mean),
+            pixel_std=tuple(float(v) for v in pixel_std),
+        )
+        self.train_views = ViewConfig(
+            short_sizes=tuple(scaled_sizes(train_short_sizes, size_scale)),
+            max_size=scaled_sizes([train_max_size], size_scale)[0],
+            crop_layout=train_crop_layout,
+            flip_prob=float(flip_prob),
+            **common,
+        )
+        self.test_views = ViewConfig(
+            short_sizes=tuple(scaled_sizes([test_short_size], size_scale)),
+            max_size=scaled_sizes([test_max_size], size_scale)[0],
+            crop_layout=test_crop_layout,
+            flip_prob=0.0,
+            **common,
+        )
+        self.collate = partial(collate_views, size_divisibility=hp.size_divisibility)
+        self.datasets: dict[str, EntityViewsDataset] = {}
+
+    def _check_arguments(self) -> None:
+        hp = self.hparams
+        try:
+            check_delta(hp.crop_delta)
+        except ValueError:
+            raise ConfigError("crop_delta", hp.crop_delta, "must be in (0, 1]") from None
+        for key, allowed in (
+            ("train_crop_layout", CROP_LAYOUTS),
+            ("test_crop_layout", ("fixed4", "fixed8")),
+        ):
+            if hp[key] not in allowed:
+                raise ConfigError(key, hp[key], f"unknown crop layout; expected one of {allowed}")
+        for key in ("batch_size", "val_batch_size", "size_divisibility"):
+            if not isinstance(hp[key], int) or hp[key] < 1:
+                raise ConfigError(key, hp[key], "must be a positive integer")
+        if not isinstance(hp.num_workers, int) or hp.num_workers < 0:
+            raise ConfigError("num_workers", hp.num_workers, "must be an integer >= 0")
+        if not hp.size_scale > 0:
+            raise ConfigError("size_scale", hp.size_scale, "must be > 0")
+        if not 0.0 <= hp.flip_prob <= 1.0:
+            raise ConfigError("flip_prob", hp.flip_prob, "must be in [0, 1]")
+        if not hp.train_short_sizes:
+            raise ConfigError("train_short_sizes", hp.train_short_sizes, "must not be empty")
+        if len(hp.pixel_mean) != 3 or len(hp.pixel_std) != 3 or min(hp.pixel_std) <= 0:
+            raise ConfigError("pixel_std", hp.pixel_std, "mean and std need 3 values, std > 0")
+        if hp.synthetic is None:
+            for key in ("train_json", "val_json", "test_json"):
+                if hp[key] is not None and not Path(hp[key]).is_file():
+                    raise ConfigError(key, hp[key], "annotation file not found")
+            for key in ("train_images", "val_images", "test_images"):
+                if hp[key] is not None and not Path(hp[key]).is_dir():
+                    raise ConfigError(key, hp[key], "image folder not found")
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic train/val sets if configured and not on disk yet."""
+        syn = self.hparams.synthetic
+        if syn is None:
+            return
+        for split, json_path, offset in (
+            ("train", self.hparams.train_json, 0),
+            ("val", self.hparams.val_json, 1),
+        ):
+            if Path(json_path).is_file():
+                continue
+            log.info("generating the synthetic %s set in %s", split, Path(json_path).parent)
+            written = generate_dataset(
+                Path(json_path).parent,
+                num_images=int(syn[f"num_{split}"]),
+                seed=int(syn["seed"]) + offset,
+                height=int(syn["height"]),
+                width=int(syn["width"]),
+                show_progress=True,
+            )
+            if written != Path(json_path):
+                raise ConfigError(
+                    f"{split}_json",
+                    json_path,
+                    "synthetic data is written as <folder>/annotations.json",
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit") and "train" not in self.datasets:
+            records = load_entity_json(hp.train_json, hp.train_images)
+            if hp.skip_empty_train:
+                kept = [r for r in records if r.annotations]
+                if len(kept) < len(records):
+                    log.info(
+                        "training on %d of %d images: %d have no entity",
+                        len(kept),
+                        len(records),
+                        len(records) - len(kept),
+                    )
+                records = kept
+            self.datasets["train"] = EntityViewsDataset(
+                records, self.train_views, train=True, strict=hp.strict, seed=hp.seed
+            )
+        if stage in (None, "fit", "validate") and "val" not in self.datasets:
+            self.datasets["val"] = self._eval_dataset(hp.val_json, hp.val_images)
+        if stage in (None, "test") and "test" not in self.datasets:
+            self.datasets["test"] = self._eval_dataset(
+                hp.test_json or hp.val_json, hp.test_images or hp.val_images
+            )
+
+    def _eval_dataset(self, json_path: str, image_dir: str) -> EntityViewsDataset:
+        records = load_entity_json(json_path, image_dir)
+        return EntityViewsDataset(records, self.test_views, train=False, seed=self.hparams.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.hparams.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.hparams.val_batch_size)
+
+    def _loader(
+        self, split: str, batch_size: int, shuffle: bool = False, drop_last: bool = False
+    ) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=self.collate,
+        )

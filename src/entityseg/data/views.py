@@ -1,0 +1,205 @@
+"""One image -> the CropFormer input views I = {I^O, I^C} and their per-view entity targets.
+
+A sample holds ``V`` views of one image, each resized to the same network size ``(h, w)``:
+view 0 is the full image I^O, views 1.. the crops I^C (one random crop at train time, the k
+fixed crops at test time). Entity masks go through exactly the same crop and resize, one chunk
+of masks at a time so that a 4000 x 3000 photo with hundreds of entities stays in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from entityseg.data.coco_entity import EntityImage, iter_entity_masks, read_entity_image
+from entityseg.data.crops import Box, crop_and_resize, crop_boxes
+from entityseg.data.errors import EntityDataError
+from entityseg.data.transforms import flip_box, normalize, shortest_edge_size
+
+log = logging.getLogger(__name__)
+
+#: Full-resolution masks processed at once (bounds memory on high-resolution photos).
+MASK_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How views are made: sizes, crops, flip and normalisation."""
+
+    short_sizes: tuple[int, ...]
+    max_size: int
+    crop_layout: str
+    crop_delta: float
+    flip_prob: float
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+
+
+class EntityViewsDataset(Dataset):
+    """COCO entity images as CropFormer samples.
+
+    Training (``train=True``): a random short side from ``short_sizes``, one crop picked from
+    the layout (``fixed4`` / ``fixed8``: one of their boxes; ``random``: a random box), a
+    horizontal flip of both views with probability ``flip_prob``, and targets for both views.
+    Entities that no view shows after resizing (too small at this scale) are left out of the
+    targets. An unreadable image is logged and replaced by the next one (counted in the
+    sample's ``num_skipped``) unless ``strict``.
+
+    Evaluation (``train=False``): the first short size, all boxes of the layout, no flip, no
+    targets; any bad image raises, since skipping it would change the metric.
+
+    A sample is a dict: ``images`` float[V, 3, h, w], ``targets`` (training) a list of V dicts
+    with ``masks`` bool[M, h, w] and ``ids`` long[M] (annotation ids, the same order in every
+    view), ``crop_boxes`` float[V, 4] in pixels of the original image (mirrored if flipped),
+    ``orig_size`` (H, W), ``image_size`` (h, w), ``image_id``, ``file_name``, ``flipped``,
+    ``num_skipped``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[EntityImage],
+        views: ViewConfig,
+        train: bool,
+        strict: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not records:
+            raise ValueError("no images to make views of")
+        self.records = list(records)
+        self.views = views
+        self.train = train
+        self.strict = strict
+        self.seed = seed
+        self.stats: Counter = Counter()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        if not self.train:
+            return self._make_sample(self.records[index], self._rng(index))
+        for attempt in range(len(self.records)):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                sample = self._make_sample(record, self._rng(index))
+            except EntityDataError as err:
+                if self.strict:
+                    raise
+                log.warning("skipped: %s", err)
+                self.stats["skipped_image"] += 1
+                continue
+            sample["num_skipped"] = attempt
+            return sample
+        raise EntityDataError(self.records[index].path, "no readable image in the dataset")
+
+    def _rng(self, index: int) -> np.random.Generator:
+        # Fresh entropy per call at train time (torch seeds each worker); fixed for evaluation.
+        if self.train:
+            return np.random.default_rng([self.seed, index, int(torch.randint(0, 2**31, ()))])
+        return np.random.default_rng([self.seed, index])
+
+    def _make_sample(self, record: EntityImage, rng: np.random.Generator) -> dict:
+        cfg = self.views
+        image = read_entity_image(record)
+        height, width = image.shape[:2]
+        short = int(rng.choice(cfg.short_sizes)) if self.train else cfg.short_sizes[0]
+        size = shortest_edge_size(height, width, short, cfg.max_size)
+        boxes = crop_boxes(height, width, cfg.crop_layout, cfg.crop_delta, rng=rng)
+        if self.train and len(boxes) > 1:
+            boxes = [boxes[int(rng.integers(len(boxes)))]]
+        boxes = [(0, 0, width, height), *boxes]
+        flipped = self.train and bool(rng.random() < cfg.flip_prob)
+
+        views = [_flip_view(crop_and_resize(image, box, size), flipped) for box in boxes]
+        sample = {
+            "images": torch.stack([normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in views]),
+            "crop_boxes": torch.tensor(
+                [flip_box(b, width) if flipped else b for b in boxes], dtype=torch.float32
+            ),
+            "orig_size": (height, width),
+            "image_size": size,
+            "image_id": record.image_id,
+            "file_name": str(record.path),
+            "flipped": flipped,
+            "num_skipped": 0,
+        }
+        if self.train:
+            sample["targets"] = self._targets(record, boxes, size, flipped)
+        return sample
+
+    def _targets(
+        self, record: EntityImage, boxes: list[Box], size: tuple[int, int], flipped: bool
+    ) -> list[dict]:
+        ids, per_view = [], [[] for _ in boxes]
+        chunk_ids, chunk = [], []
+        entities = iter_entity_masks(record, strict=self.strict, stats=self.stats)
+        for ann_id, mask in [*entities, (None, None)]:
+            if mask is not None:
+                chunk_ids.append(ann_id)
+                chunk.append(mask)
+            if chunk and (mask is None or len(chunk) == MASK_CHUNK):
+                masks = np.stack(chunk)  # [m, H, W] uint8 at full resolution
+                resized = [
+                    _flip_view(crop_and_resize(masks, b, size, True), flipped, 2) for b in boxes
+                ]
+                seen = np.any([r.any(axis=(1, 2)) for r in resized], axis=0)
+                ids += [i for i, keep in zip(chunk_ids, seen, strict=True) if keep]
+                for view, r in zip(per_view, resized, strict=True):
+                    view.append(r[seen])
+                chunk_ids, chunk = [], []
+        h, w = size
+        return [
+            {
+                "masks": torch.from_numpy(np.concatenate(v) if v else np.zeros((0, h, w))).bool(),
+                "ids": torch.tensor(ids, dtype=torch.long),
+            }
+            for v in per_view
+        ]
+
+
+def _flip_view(array: np.ndarray, flipped: bool, width_axis: int = 1) -> np.ndarray:
+    """Mirror a view (image [h, w, 3] or masks [m, h, w]) after resizing, when flipped."""
+    return np.ascontiguousarray(np.flip(array, axis=width_axis)) if flipped else array
+
+
+def collate_views(samples: list[dict], size_divisibility: int = 32) -> dict:
+    """Stack samples into a batch, zero-padding at the bottom/right to a multiple of 32.
+
+    Batch: ``images`` float[N, V, 3, H, W]; ``targets`` list[N] of list[V] of dicts with
+    ``masks`` bool[M, H, W] and ``ids`` long[M] (training only); ``crop_boxes`` float[N, V, 4];
+    ``image_sizes`` long[N, 2] the valid (h, w) region of every view; ``orig_sizes`` long[N, 2];
+    ``image_ids`` long[N]; ``file_names``; ``flipped`` bool[N]; ``num_skipped`` (int).
+    """
+    if len({s["images"].shape[0] for s in samples}) != 1:
+        raise ValueError("samples of one batch must have the same number of views")
+    d = size_divisibility
+    pad_h = -(-max(s["images"].shape[-2] for s in samples) // d) * d
+    pad_w = -(-max(s["images"].shape[-1] for s in samples) // d) * d
+    batch = {
+        "images": torch.stack([_pad(s["images"], pad_h, pad_w) for s in samples]),
+        "crop_boxes": torch.stack([s["crop_boxes"] for s in samples]),
+        "image_sizes": torch.tensor([s["image_size"] for s in samples], dtype=torch.long),
+        "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.long),
+        "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+        "file_names": [s["file_name"] for s in samples],
+        "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
+        "num_skipped": sum(s["num_skipped"] for s in samples),
+    }
+    if "targets" in samples[0]:
+        batch["targets"] = [
+            [{"masks": _pad(t["masks"], pad_h, pad_w), "ids": t["ids"]} for t in s["targets"]]
+            for s in samples
+        ]
+    return batch
+
+
+def _pad(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-pad the last two dims at the bottom and right to ``height`` x ``width``."""
+    dh, dw = height - tensor.shape[-2], width - tensor.shape[-1]
+    return torch.nn.functional.pad(tensor, (0, dw, 0, dh)) if dh or dw else tensor
