@@ -107,3 +107,17 @@ def test_paste_bilinear_of_a_constant_view_fills_exactly_the_box():
 def test_paste_refuses_a_box_outside_the_image():
     with pytest.raises(ValueError, match="not inside"):
         paste_into_original(torch.zeros(4, 4), (0, 0, 30, 10), (10, 20))
+
+
+@pytest.mark.parametrize("out_size", [(37, 53), (100, 90), (13, 200)])
+def test_mask_resize_is_opencv_nearest_exact(out_size):
+    import cv2
+
+    rng = np.random.default_rng(3)
+    masks = (rng.random((2, 61, 83)) > 0.5).astype(np.uint8)
+    box = (5, 9, 76, 58)
+    ours = crop_and_resize(masks, box, out_size, is_mask=True)
+    for mask, resized in zip(masks, ours, strict=True):
+        crop = mask[9:58, 5:76]
+        expected = cv2.resize(crop, out_size[::-1], interpolation=cv2.INTER_NEAREST_EXACT)
+        assert np.array_equal(resized, expected)

@@ -113,29 +113,30 @@ def crop_and_resize(
 ) -> np.ndarray:
     """Cut ``box`` out of an image ``[H, W, C]`` (or masks ``[M, H, W]``) and resize to (h, w).
 
-    Images are resized bilinearly, masks with exact nearest neighbour (half-pixel centres), the
-    same conventions :func:`paste_into_original` inverts.
+    Images are resized bilinearly with albumentations. Masks are resized by exact nearest
+    neighbour, computed as a gather of the source rows and columns (half-pixel centres, as
+    OpenCV's ``INTER_NEAREST_EXACT``): no full-resolution intermediate is made, which matters for
+    hundreds of masks of a 4000 x 3000 photo.
     """
     x0, y0, x1, y1 = (int(v) for v in box)
     out_h, out_w = size
+    if is_mask:
+        rows = y0 + _nearest_exact_index(y1 - y0, out_h)
+        cols = x0 + _nearest_exact_index(x1 - x0, out_w)
+        return array[:, :, cols][:, rows]
     view = A.Compose(
         [
             A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
-            A.Resize(
-                out_h,
-                out_w,
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST_EXACT,
-            ),
+            A.Resize(out_h, out_w, interpolation=cv2.INTER_LINEAR),
         ]
     )
-    if not is_mask:
-        return view(image=array)["image"]
-    if len(array) == 0:
-        return np.zeros((0, out_h, out_w), dtype=array.dtype)
-    # albumentations takes masks as [M, H, W] next to an image of the same H, W.
-    placeholder = np.zeros(array.shape[1:3], dtype=np.uint8)
-    return view(image=placeholder, masks=array)["masks"]
+    return view(image=array)["image"]
+
+
+def _nearest_exact_index(source: int, target: int) -> np.ndarray:
+    """Source pixel of each target pixel: ``floor((i + 0.5) * source / target)``, clamped."""
+    index = np.floor((np.arange(target) + 0.5) * (source / target)).astype(np.int64)
+    return np.minimum(index, source - 1)
 
 
 def paste_into_original(

@@ -53,7 +53,7 @@ def flip_box(box: Sequence[int], width: int) -> tuple[int, int, int, int]:
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 RGB ``[H, W, 3]`` -> float ``[3, H, W]``, ``(x - mean) / std`` per channel."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    tensor = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (tensor - mean_t) / std_t

@@ -2,8 +2,8 @@
 
 A sample holds ``V`` views of one image, each resized to the same network size ``(h, w)``:
 view 0 is the full image I^O, views 1.. the crops I^C (one random crop at train time, the k
-fixed crops at test time). Entity masks go through exactly the same crop and resize, one chunk
-of masks at a time so that a 4000 x 3000 photo with hundreds of entities stays in memory.
+fixed crops at test time). Entity masks go through exactly the same crop and resize, one mask
+at a time, so that a 4000 x 3000 photo with hundreds of entities stays in memory.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from entityseg.data.errors import EntityDataError
 from entityseg.data.transforms import flip_box, normalize, shortest_edge_size
 
 log = logging.getLogger(__name__)
-
-#: Full-resolution masks processed at once (bounds memory on high-resolution photos).
-MASK_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class EntityViewsDataset(Dataset):
     the layout (``fixed4`` / ``fixed8``: one of their boxes; ``random``: a random box), a
     horizontal flip of both views with probability ``flip_prob``, and targets for both views.
     Entities that no view shows after resizing (too small at this scale) are left out of the
-    targets. An unreadable image is logged and replaced by the next one (counted in the
+    targets and counted in ``stats["entity_not_visible"]``. An unreadable image is logged and replaced by the next one (counted in the
     sample's ``num_skipped``) unless ``strict``.
 
     Evaluation (``train=False``): the first short size, all boxes of the layout, no flip, no
@@ -137,35 +134,27 @@ class EntityViewsDataset(Dataset):
         self, record: EntityImage, boxes: list[Box], size: tuple[int, int], flipped: bool
     ) -> list[dict]:
         ids, per_view = [], [[] for _ in boxes]
-        chunk_ids, chunk = [], []
-        entities = iter_entity_masks(record, strict=self.strict, stats=self.stats)
-        for ann_id, mask in [*entities, (None, None)]:
-            if mask is not None:
-                chunk_ids.append(ann_id)
-                chunk.append(mask)
-            if chunk and (mask is None or len(chunk) == MASK_CHUNK):
-                masks = np.stack(chunk)  # [m, H, W] uint8 at full resolution
-                resized = [
-                    _flip_view(crop_and_resize(masks, b, size, True), flipped, 2) for b in boxes
-                ]
-                seen = np.any([r.any(axis=(1, 2)) for r in resized], axis=0)
-                ids += [i for i, keep in zip(chunk_ids, seen, strict=True) if keep]
-                for view, r in zip(per_view, resized, strict=True):
-                    view.append(r[seen])
-                chunk_ids, chunk = [], []
+        for ann_id, mask in iter_entity_masks(record, strict=self.strict, stats=self.stats):
+            views = [crop_and_resize(mask[None], box, size, is_mask=True)[0] for box in boxes]
+            if not any(view.any() for view in views):
+                self.stats["entity_not_visible"] += 1
+                continue
+            ids.append(ann_id)
+            for kept, view in zip(per_view, views, strict=True):
+                kept.append(_flip_view(view, flipped))
         h, w = size
         return [
             {
-                "masks": torch.from_numpy(np.concatenate(v) if v else np.zeros((0, h, w))).bool(),
+                "masks": torch.from_numpy(np.stack(v) if v else np.zeros((0, h, w))).bool(),
                 "ids": torch.tensor(ids, dtype=torch.long),
             }
             for v in per_view
         ]
 
 
-def _flip_view(array: np.ndarray, flipped: bool, width_axis: int = 1) -> np.ndarray:
-    """Mirror a view (image [h, w, 3] or masks [m, h, w]) after resizing, when flipped."""
-    return np.ascontiguousarray(np.flip(array, axis=width_axis)) if flipped else array
+def _flip_view(array: np.ndarray, flipped: bool) -> np.ndarray:
+    """Mirror a view (image [h, w, 3] or mask [h, w]) after resizing, when flipped."""
+    return np.ascontiguousarray(array[:, ::-1]) if flipped else array
 
 
 def collate_views(samples: list[dict], size_divisibility: int = 32) -> dict:
