@@ -45,8 +45,8 @@ class EntityViewsDataset(Dataset):
     the layout (``fixed4`` / ``fixed8``: one of their boxes; ``random``: a random box), a
     horizontal flip of both views with probability ``flip_prob``, and targets for both views.
     Entities that no view shows after resizing (too small at this scale) are left out of the
-    targets and counted in ``stats["entity_not_visible"]``. An unreadable image is logged and replaced by the next one (counted in the
-    sample's ``num_skipped``) unless ``strict``.
+    targets and counted in ``stats["entity_not_visible"]``. An unreadable image is logged and
+    replaced by the next one (counted in the sample's ``num_skipped``) unless ``strict``.
 
     Evaluation (``train=False``): the first short size, all boxes of the layout, no flip, no
     targets; any bad image raises, since skipping it would change the metric.
