@@ -212,3 +212,41 @@ def test_synthetic_set_is_generated_on_first_use(tmp_path):
     before = (root / "train/annotations.json").read_bytes()
     dm.prepare_data()  # already there: left alone
     assert (root / "train/annotations.json").read_bytes() == before
+
+
+def test_real_coco_photos_give_the_release_views(coco_sample, shared_data, tmp_path):
+    """The release's own prepared views (MIN_SIZE_TEST 160, MAX_SIZE_TEST 256) are reproduced."""
+    from entityseg.data.coco_entity import panoptic_to_entity_json
+
+    entity_json = panoptic_to_entity_json(
+        coco_sample / "panoptic.json", coco_sample / "panoptic", tmp_path / "entity.json"
+    )
+    dm = EntityDataModule(
+        train_json=str(entity_json),
+        train_images=str(coco_sample / "images"),
+        val_json=str(entity_json),
+        val_images=str(coco_sample / "images"),
+        num_workers=0,
+        test_short_size=160,
+        test_max_size=256,
+    )
+    dm.setup("fit")
+    reference = torch.load(
+        shared_data / "official_reference/cropformer_tiny/outputs.pt", weights_only=False
+    )
+    val = dm.datasets["val"]
+    for index in range(2):
+        sample = val[index]
+        full = reference[f"{index}.image"].permute(1, 2, 0).numpy()
+        assert tuple(sample["image_size"]) == full.shape[:2]
+        ours = denormalize(sample["images"][0], IMAGENET_MEAN, IMAGENET_STD)
+        assert np.array_equal(ours, full)
+        regions = reference[f"{index}.crop_region"]
+        assert torch.equal(sample["crop_boxes"][1:].long(), regions)
+        image = np.asarray(Image.open(val.records[index].path).convert("RGB"))
+        for crop, box in zip(reference[f"{index}.image_crop"], regions.tolist(), strict=True):
+            expected = crop.permute(1, 2, 0).numpy()  # the release sizes crops on their own
+            assert np.array_equal(crop_and_resize(image, box, expected.shape[:2]), expected)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape[:3] == (2, 2, 3)
+    assert all(len(t[0]["ids"]) > 10 for t in batch["targets"])

@@ -12,7 +12,6 @@ from pycocotools.coco import COCO
 
 from entityseg.data.synthetic import generate_dataset, main, render_scene
 
-# pycocotools' decode trips a numpy 2 deprecation warning that is not ours to fix.
 SMALL_SIZE = {"height": 192, "width": 256}
 NETWORK_SIZE = (256, 192)  # cv2 (width, height): short side 192
 CROP_SIZE = (716, 537)  # top-left 0.7 crop of 1024x768, as (width, height)

@@ -6,20 +6,19 @@ image or its masks to a view (``crop_and_resize``), and maps a view's mask back 
 original image (``paste_into_original``). Boxes are ``(x0, y0, x1, y1)`` integer pixels of the
 original image, x1/y1 exclusive.
 
-Both directions use half-pixel centres (OpenCV ``INTER_LINEAR`` / ``INTER_NEAREST_EXACT``,
-PyTorch ``bilinear`` with ``align_corners=False`` / ``nearest-exact``), so a crop resized by an
-integer factor and pasted back lands exactly on the pixels it came from.
+Both directions use half-pixel centres (Pillow bilinear / OpenCV ``INTER_NEAREST_EXACT`` one
+way, PyTorch ``bilinear`` with ``align_corners=False`` / ``nearest-exact`` the other), so a crop
+resized by an integer factor and pasted back lands exactly on the pixels it came from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 Box = tuple[int, int, int, int]
 
@@ -113,10 +112,11 @@ def crop_and_resize(
 ) -> np.ndarray:
     """Cut ``box`` out of an image ``[H, W, C]`` (or masks ``[M, H, W]``) and resize to (h, w).
 
-    Images are resized bilinearly with albumentations. Masks are resized by exact nearest
-    neighbour, computed as a gather of the source rows and columns (half-pixel centres, as
-    OpenCV's ``INTER_NEAREST_EXACT``): no full-resolution intermediate is made, which matters for
-    hundreds of masks of a 4000 x 3000 photo.
+    Images are resized with Pillow's bilinear filter (antialiased when shrinking), which is what
+    the release's mapper does: its prepared views are reproduced exactly. Masks are resized by
+    exact nearest neighbour, a gather of the source rows and columns (half-pixel centres, as
+    OpenCV's ``INTER_NEAREST_EXACT``): no full-resolution intermediate is made, which matters
+    for hundreds of masks of a 4000 x 3000 photo.
     """
     x0, y0, x1, y1 = (int(v) for v in box)
     out_h, out_w = size
@@ -124,13 +124,8 @@ def crop_and_resize(
         rows = y0 + _nearest_exact_index(y1 - y0, out_h)
         cols = x0 + _nearest_exact_index(x1 - x0, out_w)
         return array[:, :, cols][:, rows]
-    view = A.Compose(
-        [
-            A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
-            A.Resize(out_h, out_w, interpolation=cv2.INTER_LINEAR),
-        ]
-    )
-    return view(image=array)["image"]
+    crop = Image.fromarray(np.ascontiguousarray(array[y0:y1, x0:x1]))
+    return np.asarray(crop.resize((out_w, out_h), Image.Resampling.BILINEAR))
 
 
 def _nearest_exact_index(source: int, target: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from entityseg.data.coco_entity import EntityImage, iter_entity_masks, read_entity_image
 from entityseg.data.crops import Box, crop_and_resize, crop_boxes
 from entityseg.data.errors import EntityDataError
-from entityseg.data.transforms import flip_box, normalize, shortest_edge_size
+from entityseg.data.transforms import flip_box, hflip, normalize, shortest_edge_size
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,10 @@ class EntityViewsDataset(Dataset):
         boxes = [(0, 0, width, height), *boxes]
         flipped = self.train and bool(rng.random() < cfg.flip_prob)
 
-        views = [_flip_view(crop_and_resize(image, box, size), flipped) for box in boxes]
+        views = [crop_and_resize(image, box, size) for box in boxes]
+        targets = self._targets(record, boxes, size) if self.train else None
+        if flipped:  # only at train time, so targets exist
+            views, targets = _flip_views(views, targets)
         sample = {
             "images": torch.stack([normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in views]),
             "crop_boxes": torch.tensor(
@@ -126,13 +129,20 @@ class EntityViewsDataset(Dataset):
             "flipped": flipped,
             "num_skipped": 0,
         }
-        if self.train:
-            sample["targets"] = self._targets(record, boxes, size, flipped)
+        if targets is not None:
+            sample["targets"] = [
+                {
+                    "masks": torch.from_numpy(masks).bool(),
+                    "ids": torch.tensor(ids, dtype=torch.long),
+                }
+                for masks, ids in targets
+            ]
         return sample
 
     def _targets(
-        self, record: EntityImage, boxes: list[Box], size: tuple[int, int], flipped: bool
-    ) -> list[dict]:
+        self, record: EntityImage, boxes: list[Box], size: tuple[int, int]
+    ) -> list[tuple[np.ndarray, list[int]]]:
+        """Per view: masks uint8 [M, h, w] and the M annotation ids (the same in every view)."""
         ids, per_view = [], [[] for _ in boxes]
         for ann_id, mask in iter_entity_masks(record, strict=self.strict, stats=self.stats):
             views = [crop_and_resize(mask[None], box, size, is_mask=True)[0] for box in boxes]
@@ -141,20 +151,19 @@ class EntityViewsDataset(Dataset):
                 continue
             ids.append(ann_id)
             for kept, view in zip(per_view, views, strict=True):
-                kept.append(_flip_view(view, flipped))
-        h, w = size
-        return [
-            {
-                "masks": torch.from_numpy(np.stack(v) if v else np.zeros((0, h, w))).bool(),
-                "ids": torch.tensor(ids, dtype=torch.long),
-            }
-            for v in per_view
-        ]
+                kept.append(view)
+        empty = np.zeros((0, *size), dtype=np.uint8)
+        return [(np.stack(v) if v else empty, ids) for v in per_view]
 
 
-def _flip_view(array: np.ndarray, flipped: bool) -> np.ndarray:
-    """Mirror a view (image [h, w, 3] or mask [h, w]) after resizing, when flipped."""
-    return np.ascontiguousarray(array[:, ::-1]) if flipped else array
+def _flip_views(
+    views: list[np.ndarray], targets: list[tuple[np.ndarray, list[int]]]
+) -> tuple[list[np.ndarray], list[tuple[np.ndarray, list[int]]]]:
+    """Mirror every view and its masks together (the release flips I^O and I^C alike)."""
+    flipped = [hflip(v, masks) for v, (masks, _) in zip(views, targets, strict=True)]
+    views = [image for image, _ in flipped]
+    targets = [(masks, ids) for (_, masks), (_, ids) in zip(flipped, targets, strict=True)]
+    return views, targets
 
 
 def collate_views(samples: list[dict], size_divisibility: int = 32) -> dict:
