@@ -114,9 +114,10 @@ class EntityViewsDataset(Dataset):
         flipped = self.train and bool(rng.random() < cfg.flip_prob)
 
         views = [crop_and_resize(image, box, size) for box in boxes]
-        targets = self._targets(record, boxes, size) if self.train else None
-        if flipped:  # only at train time, so targets exist
-            views, targets = _flip_views(views, targets)
+        if self.train:
+            view_masks, ids = self._targets(record, boxes, size)
+            if flipped:  # mirror I^O, I^C and their masks together, as the release does
+                views, view_masks = zip(*map(hflip, views, view_masks), strict=True)
         sample = {
             "images": torch.stack([normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in views]),
             "crop_boxes": torch.tensor(
@@ -129,20 +130,17 @@ class EntityViewsDataset(Dataset):
             "flipped": flipped,
             "num_skipped": 0,
         }
-        if targets is not None:
+        if self.train:
+            ids_tensor = torch.tensor(ids, dtype=torch.long)
             sample["targets"] = [
-                {
-                    "masks": torch.from_numpy(masks).bool(),
-                    "ids": torch.tensor(ids, dtype=torch.long),
-                }
-                for masks, ids in targets
+                {"masks": torch.from_numpy(masks).bool(), "ids": ids_tensor} for masks in view_masks
             ]
         return sample
 
     def _targets(
         self, record: EntityImage, boxes: list[Box], size: tuple[int, int]
-    ) -> list[tuple[np.ndarray, list[int]]]:
-        """Per view: masks uint8 [M, h, w] and the M annotation ids (the same in every view)."""
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """Masks uint8 [M, h, w] of every view, and the M annotation ids they share."""
         ids, per_view = [], [[] for _ in boxes]
         for ann_id, mask in iter_entity_masks(record, strict=self.strict, stats=self.stats):
             views = [crop_and_resize(mask[None], box, size, is_mask=True)[0] for box in boxes]
@@ -153,17 +151,7 @@ class EntityViewsDataset(Dataset):
             for kept, view in zip(per_view, views, strict=True):
                 kept.append(view)
         empty = np.zeros((0, *size), dtype=np.uint8)
-        return [(np.stack(v) if v else empty, ids) for v in per_view]
-
-
-def _flip_views(
-    views: list[np.ndarray], targets: list[tuple[np.ndarray, list[int]]]
-) -> tuple[list[np.ndarray], list[tuple[np.ndarray, list[int]]]]:
-    """Mirror every view and its masks together (the release flips I^O and I^C alike)."""
-    flipped = [hflip(v, masks) for v, (masks, _) in zip(views, targets, strict=True)]
-    views = [image for image, _ in flipped]
-    targets = [(masks, ids) for (_, masks), (_, ids) in zip(flipped, targets, strict=True)]
-    return views, targets
+        return [np.stack(v) if v else empty for v in per_view], ids
 
 
 def collate_views(samples: list[dict], size_divisibility: int = 32) -> dict:
