@@ -1,0 +1,1 @@
+"""CropFormer losses: Hungarian matching and the image-level + batch-level set criterion."""

@@ -1,0 +1,1 @@
+"""Network modules: backbone, pixel decoder, image/batch decoders, association and heads."""

@@ -1,0 +1,84 @@
+"""The three sub-layers of a Mask2Former decoder layer: cross-attention, self-attention, FFN.
+
+Each is a residual block with LayerNorm after (``pre_norm=False``, as released) or before the
+attention. Tensors are batch-first: queries ``[B, Q, C]``, memory ``[B, S, C]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _xavier_init(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    return x if pos is None else x + pos
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries attend to memory (image tokens, or other queries in the association module)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, pre_norm: bool = False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+        _xavier_init(self)
+
+    def forward(
+        self,
+        queries: torch.Tensor,  # [B, Q, C]
+        memory: torch.Tensor,  # [B, S, C]
+        attn_mask: torch.Tensor | None = None,  # [B * heads, Q, S], True = may not attend
+        memory_pos: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.norm(queries) if self.pre_norm else queries
+        out = self.attn(
+            _with_pos(x, query_pos), _with_pos(memory, memory_pos), memory, attn_mask=attn_mask
+        )[0]
+        queries = queries + self.dropout(out)
+        return queries if self.pre_norm else self.norm(queries)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Queries attend to each other (reasoning about which query owns which entity)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, pre_norm: bool = False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+        _xavier_init(self)
+
+    def forward(self, queries: torch.Tensor, query_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(queries) if self.pre_norm else queries
+        q = k = _with_pos(x, query_pos)
+        queries = queries + self.dropout(self.attn(q, k, x)[0])
+        return queries if self.pre_norm else self.norm(queries)
+
+
+class FFNLayer(nn.Module):
+    """Two-layer ReLU MLP with a residual connection."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float = 0.0, pre_norm: bool = False):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+        _xavier_init(self)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        x = self.norm(queries) if self.pre_norm else queries
+        queries = queries + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        return queries if self.pre_norm else self.norm(queries)

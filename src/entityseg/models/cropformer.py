@@ -1,0 +1,107 @@
+"""CropFormer: backbone -> pixel decoder -> image decoder (+ association -> batch decoder).
+
+Input I ``[N, V, 3, H, W]``: view 0 the full image I^O, views 1.. its crops I^C, normalised and
+zero-padded by the data pipeline (``entityseg.data``). All N x V views go through the backbone,
+the pixel decoder and the image-level decoder independently (E_i ``[N, V, Q, C]``); the
+association module turns them into batch queries Q_b, which the batch-level decoder decodes over
+all views of an image at once.
+
+With ``association.enabled=false`` the model is the single-scale Mask2Former baseline (Image-O);
+``forward(images, batch_level=False)`` skips the batch path of a CropFormer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from entityseg.models.association import AssociationModule
+from entityseg.models.backbone import TimmBackbone
+from entityseg.models.batch_decoder import decode_batch
+from entityseg.models.image_decoder import DecoderPrediction, MaskedAttentionDecoder
+from entityseg.models.pixel_decoder import MSDeformAttnPixelDecoder
+
+
+class CropFormer(nn.Module):
+    """The whole network of the paper, built from the ``conf/model`` blocks.
+
+    Args:
+        backbone: :class:`TimmBackbone` arguments (``name``, ``pretrained``, ...).
+        pixel_decoder: :class:`MSDeformAttnPixelDecoder` arguments.
+        decoder: :class:`MaskedAttentionDecoder` arguments (image-level decoder).
+        association: ``enabled`` (false: Mask2Former baseline), ``share_decoder`` (the batch
+            decoder reuses the image decoder's weights, as released) and
+            :class:`AssociationModule` arguments (``xatt``, ``satt``, ``ffn``, ...).
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping,
+        pixel_decoder: Mapping,
+        decoder: Mapping,
+        association: Mapping,
+    ) -> None:
+        super().__init__()
+        self.backbone = TimmBackbone(**backbone)
+        self.pixel_decoder = MSDeformAttnPixelDecoder(
+            in_channels=self.backbone.channels, in_strides=self.backbone.strides, **pixel_decoder
+        )
+        decoder_args = dict(
+            in_channels=pixel_decoder.get("conv_dim", 256),
+            mask_dim=pixel_decoder.get("mask_dim", 256),
+            **decoder,
+        )
+        self.image_decoder = MaskedAttentionDecoder(**decoder_args)
+        assoc = dict(association)
+        enabled = assoc.pop("enabled", True)
+        share = assoc.pop("share_decoder", True)
+        hidden = self.image_decoder.hidden_dim
+        self.association = AssociationModule(hidden, **assoc) if enabled else None
+        self.batch_decoder = (
+            MaskedAttentionDecoder(**decoder_args) if enabled and not share else None
+        )
+
+    @property
+    def has_batch_decoder(self) -> bool:
+        return self.association is not None
+
+    def forward(self, images: torch.Tensor, batch_level: bool = True) -> dict:
+        """``images [N, V, 3, H, W]`` -> ``{"image": outputs, "batch": outputs or None}``.
+
+        Each outputs dict has ``logits [N, V, Q, 2]``, ``masks [N, V, Q, H/4, W/4]`` (the final
+        prediction) and ``aux``: the earlier predictions (deep supervision), oldest first. The
+        batch decoder's logits are one score per query, repeated for every view.
+        """
+        n, v = images.shape[:2]
+        features = self.backbone(images.flatten(0, 1))
+        mask_features, multi_scale = self.pixel_decoder(features)
+        image_predictions, view_queries = self.image_decoder(multi_scale, mask_features)
+        outputs = {"image": _as_outputs(image_predictions, n, v), "batch": None}
+        if batch_level and self.has_batch_decoder:
+            decoder = self.batch_decoder or self.image_decoder
+            batch_queries = self.association(  # Q_b [N, Q, C]
+                view_queries.reshape(n, v, *view_queries.shape[1:]),
+                self.image_decoder.query_embed.weight,
+            )
+            batch_predictions = decode_batch(decoder, batch_queries, multi_scale, mask_features, v)
+            outputs["batch"] = _as_outputs(batch_predictions, n, v)
+        return outputs
+
+
+def _as_outputs(predictions: list[DecoderPrediction], n: int, v: int) -> dict:
+    """Predictions of one decoder in the ``[N, V, Q, ...]`` layout of the loss and inference."""
+
+    def layout(p: DecoderPrediction) -> dict:
+        if p.masks.dim() == 5:  # batch level: logits [N, Q, 2], masks [N, Q, V, h, w]
+            logits = p.logits[:, None].expand(-1, v, -1, -1)
+            masks = p.masks.transpose(1, 2)
+        else:  # image level: [N*V, Q, 2], [N*V, Q, h, w]
+            logits = p.logits.reshape(n, v, *p.logits.shape[1:])
+            masks = p.masks.reshape(n, v, *p.masks.shape[1:])
+        return {"logits": logits, "masks": masks}
+
+    final = layout(predictions[-1])
+    final["aux"] = [layout(p) for p in predictions[:-1]]
+    return final

@@ -1,0 +1,133 @@
+"""Image-level decoder: Mask2Former's masked-attention transformer decoder (queries Q_i).
+
+Every view of every image is decoded independently: the N x V views are folded into the batch.
+Learnable query features (Q_i) and query position embeddings go through ``num_layers`` layers of
+cross-attention (masked by the previous prediction, cycling over the three pixel-decoder scales
+coarsest first) -> self-attention -> FFN. A prediction (U_i^e, U_i^m) is made on the learnable
+queries and after every layer: ``num_layers + 1`` predictions, all deep-supervised.
+
+The layers, heads and level embeddings are reused by the batch-level decoder
+(``batch_decoder.py``), as in the release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from entityseg.models.attention_layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+from entityseg.models.heads import EntityHeads, attention_mask
+from entityseg.models.position_encoding import sine_position_2d
+
+NUM_LEVELS = 3
+
+
+@dataclass
+class DecoderPrediction:
+    """One prediction of a decoder: entity logits and mask logits (stride 4)."""
+
+    logits: torch.Tensor  # [B, Q, 2]
+    masks: torch.Tensor  # [B, Q, h, w] (image level) or [B, Q, V, h, w] (batch level)
+
+
+class MaskedAttentionDecoder(nn.Module):
+    """Mask2Former decoder over 2-D feature maps; its parts also serve the batch decoder."""
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        num_layers: int = 9,
+        pre_norm: bool = False,
+        mask_dim: int = 256,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # Q_i
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # query position embedding
+        self.level_embed = nn.Embedding(NUM_LEVELS, hidden_dim)
+        self.input_proj = nn.ModuleList(
+            nn.Conv2d(in_channels, hidden_dim, 1) if in_channels != hidden_dim else nn.Identity()
+            for _ in range(NUM_LEVELS)
+        )
+        for proj in self.input_proj:
+            if isinstance(proj, nn.Conv2d):
+                nn.init.kaiming_uniform_(proj.weight, a=1)
+                nn.init.zeros_(proj.bias)
+        self.cross_attention = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, num_heads, dropout, pre_norm) for _ in range(num_layers)
+        )
+        self.self_attention = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, num_heads, dropout, pre_norm) for _ in range(num_layers)
+        )
+        self.ffn = nn.ModuleList(
+            FFNLayer(hidden_dim, ffn_dim, dropout, pre_norm) for _ in range(num_layers)
+        )
+        self.heads = EntityHeads(hidden_dim, mask_dim)
+
+    def memory_tokens(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per level: projected features + level embedding as tokens ``[B, h*w, C]``."""
+        return [
+            (proj(x).flatten(2) + embed[None, :, None]).transpose(1, 2)
+            for proj, x, embed in zip(
+                self.input_proj, features, self.level_embed.weight, strict=True
+            )
+        ]
+
+    def forward(
+        self, features: list[torch.Tensor], mask_features: torch.Tensor
+    ) -> tuple[list[DecoderPrediction], torch.Tensor]:
+        """Decode 2-D views.
+
+        Args:
+            features: 3 maps ``[B, C, h_l, w_l]``, coarsest first (B = N x V views).
+            mask_features: ``[B, D, h, w]`` at stride 4.
+        Returns:
+            the ``num_layers + 1`` predictions, and the final query outputs E_i ``[B, Q, C]``
+            (before the heads' LayerNorm), which the association module reads.
+        """
+        batch = mask_features.shape[0]
+        memory = self.memory_tokens(features)
+        positions = [
+            sine_position_2d(*x.shape[-2:], self.hidden_dim // 2, x.device, x.dtype)
+            .flatten(1)
+            .T[None]
+            for x in features
+        ]
+        queries = self.query_feat.weight[None].expand(batch, -1, -1)
+        query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
+
+        def predict(q: torch.Tensor) -> DecoderPrediction:
+            logits, embedding = self.heads(q)
+            return DecoderPrediction(
+                logits, torch.einsum("bqc,bchw->bqhw", embedding, mask_features)
+            )
+
+        sizes = [tuple(x.shape[-2:]) for x in features]
+        return self.run_layers(queries, query_pos, memory, positions, sizes, predict)
+
+    def run_layers(self, queries, query_pos, memory, positions, sizes, predict):
+        """The shared loop: predict, then for each layer mask -> cross -> self -> FFN -> predict.
+
+        ``predict(queries) -> DecoderPrediction``; the attention mask of layer i is the
+        previous prediction's masks at the scale of level ``i % 3`` (``sizes[level]`` per view).
+        """
+        predictions = [predict(queries)]
+        for i in range(self.num_layers):
+            level = i % NUM_LEVELS
+            blocked = attention_mask(predictions[-1].masks, sizes[level], self.num_heads)
+            queries = self.cross_attention[i](
+                queries, memory[level], blocked, positions[level], query_pos
+            )
+            queries = self.self_attention[i](queries, query_pos)
+            queries = self.ffn[i](queries)
+            predictions.append(predict(queries))
+        return predictions, queries

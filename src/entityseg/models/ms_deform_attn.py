@@ -1,0 +1,178 @@
+"""Multi-scale deformable attention (Deformable DETR), as used by the pixel decoder's encoder.
+
+Each query attends to only ``P`` sampled points per head and per level instead of to every
+token: a point's location is the query's reference point plus a learned offset (in pixels of
+that level), its value is bilinearly interpolated from the level's value map, and the points'
+values are summed with softmax weights learned from the query. This keeps the encoder linear in
+the number of tokens, which is what makes attention over strides 8/16/32 affordable.
+
+:func:`ms_deform_attn` is the pure-PyTorch reference of the sampling-and-weighting core (the
+operation a fused kernel implements); :class:`MSDeformAttn` adds the learned projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Weighted sum of bilinearly sampled values over levels and points, per head.
+
+    Args:
+        value: ``[B, S, heads, C]``, the levels' value maps flattened row-major and concatenated
+            in level order (``S = sum_l H_l * W_l``).
+        spatial_shapes: ``[L, 2]`` long, ``(H_l, W_l)`` per level.
+        sampling_locations: ``[B, Lq, heads, L, P, 2]``, normalised ``(x, y)``: 0 is the left/top
+            edge of the first pixel and 1 the right/bottom edge of the last one. Points outside
+            ``[0, 1]`` read zeros beyond the border.
+        attention_weights: ``[B, Lq, heads, L, P]``.
+
+    Returns:
+        ``[B, Lq, heads * C]``, heads concatenated on the channel axis.
+    """
+    batch, num_tokens, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if sum(h * w for h, w in shapes) != num_tokens:
+        raise ValueError(f"spatial_shapes {shapes} do not add up to {num_tokens} value tokens")
+
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2.0 * sampling_locations - 1.0  # grid_sample's [-1, 1] with align_corners=False
+    sampled_per_level = []
+    for level, (height, width) in enumerate(shapes):
+        # [B, H*W, heads, C] -> [B*heads, C, H, W]
+        value_map = (
+            value_per_level[level]
+            .permute(0, 2, 3, 1)
+            .reshape(batch * num_heads, head_dim, height, width)
+        )
+        # [B, Lq, heads, P, 2] -> [B*heads, Lq, P, 2]
+        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled_per_level.append(
+            F.grid_sample(
+                value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        )  # [B*heads, C, Lq, P]
+    sampled = torch.stack(sampled_per_level, dim=-2).flatten(-2)  # [B*heads, C, Lq, L*P]
+    # [B, Lq, heads, L, P] -> [B*heads, 1, Lq, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch * num_heads, 1, num_queries, num_levels * num_points
+    )
+    output = (sampled * weights).sum(-1)  # [B*heads, C, Lq]
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
+
+
+def initial_offset_grid(num_heads: int, num_levels: int, num_points: int) -> Tensor:
+    """Deformable DETR's initial sampling offsets ``[heads, L, P, 2]``, in pixels ``(x, y)``.
+
+    Head ``m`` looks in direction ``2*pi*m/heads``, scaled so the larger of ``|x|``, ``|y|`` is
+    1 (the 8 neighbours of a pixel for 8 heads); point ``p`` sits ``p + 1`` steps along it. The
+    same pattern is used at every level. The spread gives each head a distinct receptive field
+    before training.
+    """
+    angles = torch.arange(num_heads, dtype=torch.float32) * (2.0 * math.pi / num_heads)
+    directions = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [heads, 2]
+    directions = directions / directions.abs().max(dim=-1, keepdim=True).values
+    steps = torch.arange(1, num_points + 1, dtype=torch.float32)  # [P]
+    grid = directions[:, None, None, :] * steps[None, None, :, None]  # [heads, 1, P, 2]
+    return grid.expand(num_heads, num_levels, num_points, 2).contiguous()
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention with learned offsets, weights and projections.
+
+    Args:
+        dim: model width, split evenly over the heads.
+        num_levels: number of feature levels ``L`` in the value input.
+        num_heads: attention heads ``M``.
+        num_points: sampled points ``K`` per head and level.
+    """
+
+    def __init__(
+        self, dim: int = 256, num_levels: int = 3, num_heads: int = 8, num_points: int = 4
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's initialisation: offsets start on a fixed grid, weights uniform."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        grid = initial_offset_grid(self.num_heads, self.num_levels, self.num_points)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for projection in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(projection.weight)
+            nn.init.zeros_(projection.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value_input: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from each query to ``P`` points per head around its per-level reference.
+
+        Args:
+            query: ``[B, Lq, dim]`` (content + position).
+            reference_points: ``[B, Lq, L, 2]`` normalised ``(x, y)`` in ``[0, 1]``.
+            value_input: ``[B, S, dim]``, all levels flattened and concatenated.
+            spatial_shapes: ``[L, 2]`` long ``(H_l, W_l)``.
+            level_start_index: ``[L]`` offset of each level in ``S`` (the kernels' argument;
+                the reference op derives it from ``spatial_shapes``).
+            padding_mask: ``[B, S]`` bool, True on padded tokens (their values are zeroed).
+
+        Returns:
+            ``[B, Lq, dim]``.
+        """
+        del level_start_index  # implied by spatial_shapes for the reference op
+        batch, num_queries, _ = query.shape
+        num_tokens = value_input.shape[1]
+        if reference_points.shape[-1] != 2:
+            raise ValueError("reference_points must be [B, Lq, L, 2] points (x, y)")
+
+        value = self.value_proj(value_input)  # [B, S, dim]
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(batch, num_tokens, self.num_heads, self.dim // self.num_heads)
+
+        offsets = self.sampling_offsets(query).view(
+            batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+        )
+        weights = self.attention_weights(query).view(
+            batch, num_queries, self.num_heads, self.num_levels * self.num_points
+        )
+        weights = weights.softmax(-1).view(
+            batch, num_queries, self.num_heads, self.num_levels, self.num_points
+        )
+        # offsets are in pixels of each level: divide by (W_l, H_l) to normalise
+        level_size_xy = spatial_shapes.flip(-1).to(offsets.dtype)  # [L, 2]
+        locations = (
+            reference_points[:, :, None, :, None, :]
+            + offsets / level_size_xy[None, None, None, :, None, :]
+        )  # [B, Lq, heads, L, P, 2]
+        output = ms_deform_attn(value, spatial_shapes, locations, weights)
+        return self.output_proj(output)

@@ -1,0 +1,93 @@
+"""CropFormer end to end on tiny configs: shapes, shared batch queries, switches, overfitting."""
+
+import copy
+
+import pytest
+import torch
+
+from entityseg.models.association import AssociationModule
+from entityseg.models.cropformer import CropFormer
+
+TINY = dict(
+    backbone=dict(name="resnet10t", pretrained=False),
+    pixel_decoder=dict(
+        conv_dim=32, mask_dim=32, num_layers=1, num_heads=2, num_points=2, ffn_dim=64
+    ),
+    decoder=dict(hidden_dim=32, num_queries=8, num_heads=2, ffn_dim=64, num_layers=3),
+    association=dict(enabled=True, share_decoder=True, num_heads=2, ffn_dim=64),
+)
+
+
+def tiny_model(**association) -> CropFormer:
+    config = copy.deepcopy(TINY)
+    config["association"].update(association)
+    torch.manual_seed(0)
+    return CropFormer(**config)
+
+
+@pytest.mark.parametrize("views", [2, 5, 9])
+def test_output_shapes(views):
+    model = tiny_model().eval()
+    images = torch.randn(2, views, 3, 64, 96)
+    with torch.no_grad():
+        out = model(images)
+    for key in ("image", "batch"):
+        assert out[key]["logits"].shape == (2, views, 8, 2)
+        assert out[key]["masks"].shape == (2, views, 8, 16, 24)
+        assert len(out[key]["aux"]) == 3  # the learnable queries + layers 1..2
+        assert all(a["masks"].shape == (2, views, 8, 16, 24) for a in out[key]["aux"])
+    # one batch query = one entity score shared by every view
+    logits = out["batch"]["logits"]
+    assert torch.equal(logits, logits[:, :1].expand_as(logits))
+
+
+def test_views_are_decoded_independently_by_the_image_decoder():
+    model = tiny_model().eval()
+    images = torch.randn(1, 3, 3, 64, 64)
+    with torch.no_grad():
+        together = model(images)["image"]["masks"]
+        alone = model(images[:, 1:2])["image"]["masks"]
+    torch.testing.assert_close(together[:, 1:2], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_mask2former_baseline_has_no_batch_path():
+    baseline = tiny_model(enabled=False)
+    cropformer = tiny_model()
+    assert baseline.association is None
+    out = baseline(torch.randn(1, 1, 3, 64, 64))
+    assert out["batch"] is None and out["image"]["masks"].shape[:3] == (1, 1, 8)
+    count = sum(p.numel() for p in cropformer.parameters())
+    assert count > sum(p.numel() for p in baseline.parameters())
+    assert cropformer(torch.randn(1, 2, 3, 64, 64), batch_level=False)["batch"] is None
+
+
+def test_separate_batch_decoder_weights():
+    shared, separate = tiny_model(), tiny_model(share_decoder=False)
+    assert separate.batch_decoder is not None and shared.batch_decoder is None
+    extra = sum(p.numel() for p in separate.batch_decoder.parameters())
+    total = sum(p.numel() for p in separate.parameters())
+    assert total == sum(p.numel() for p in shared.parameters()) + extra
+    assert separate(torch.randn(1, 2, 3, 64, 64))["batch"]["masks"].shape == (1, 2, 8, 16, 16)
+
+
+def test_association_switches():
+    queries = torch.randn(2, 3, 5, 16)
+    embed = torch.randn(5, 16)
+    off = AssociationModule(16, 2, 32, xatt=False, satt=False, ffn=False)
+    assert torch.equal(off(queries, embed), queries[:, 0])  # Q_b = E_{I^O}
+    counts = {}
+    for xatt, satt, ffn in [
+        (True, False, False),
+        (True, False, True),
+        (True, True, False),
+        (True, True, True),
+    ]:
+        module = AssociationModule(16, 2, 32, xatt=xatt, satt=satt, ffn=ffn)
+        counts[(xatt, satt, ffn)] = sum(p.numel() for p in module.parameters())
+        assert module(queries, embed).shape == (2, 5, 16)
+    assert len(set(counts.values())) == 4
+    # the cross-attention reads the crops: changing a crop's queries changes Q_b
+    module = AssociationModule(16, 2, 32).eval()
+    changed = queries.clone()
+    changed[:, 2] += 1
+    assert not torch.allclose(module(queries, embed), module(changed, embed))
