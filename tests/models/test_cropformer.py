@@ -4,7 +4,10 @@ import copy
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
+from conftest import REPO
 from entityseg.models.association import AssociationModule
 from entityseg.models.cropformer import CropFormer
 
@@ -18,8 +21,9 @@ TINY = dict(
 )
 
 
-def tiny_model(**association) -> CropFormer:
+def tiny_model(num_queries: int = 8, **association) -> CropFormer:
     config = copy.deepcopy(TINY)
+    config["decoder"]["num_queries"] = num_queries
     config["association"].update(association)
     torch.manual_seed(0)
     return CropFormer(**config)
@@ -91,3 +95,21 @@ def test_association_switches():
     changed = queries.clone()
     changed[:, 2] += 1
     assert not torch.allclose(module(queries, embed), module(changed, embed))
+
+
+BACKBONES = sorted(p.stem for p in (REPO / "conf/model/backbone").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_release_sized_model_from_config(backbone):
+    """The real configs (100 queries, 9 layers, 6 encoder layers) build and give the shapes."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model/backbone={backbone}"])
+    model = instantiate(cfg.model.net).eval()
+    for views in (2, 5):
+        with torch.no_grad():
+            out = model(torch.zeros(1, views, 3, 64, 96))
+        for key in ("image", "batch"):
+            assert out[key]["logits"].shape == (1, views, 100, 2)
+            assert out[key]["masks"].shape == (1, views, 100, 16, 24)
+            assert len(out[key]["aux"]) == 9

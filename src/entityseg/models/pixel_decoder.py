@@ -27,6 +27,7 @@ i = 0 for the coarsest level (res5)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -278,8 +279,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             encoder's outputs with the default features). Runs in float32 under AMP, as the
             release does.
         """
-        device_type = next(iter(features.values())).device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        with _autocast_off(next(iter(features.values())).device.type):
             outputs = self._encode(features)
             for name, lateral_conv, output_conv in zip(
                 self.fpn_in_features, self.lateral_convs, self.output_convs, strict=True
@@ -290,3 +290,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 )
                 outputs.append(output_conv(lateral + coarser))
             return self.mask_features(outputs[-1]), outputs[:NUM_DECODER_SCALES]
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Float32 region under AMP; devices without autocast (e.g. ``meta``) need nothing."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
