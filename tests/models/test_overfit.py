@@ -66,3 +66,23 @@ def test_tiny_cropformer_overfits_one_image(one_batch):
                 ious.append(((pred.bool() & gt)[:h, :w].sum() / union).item())
     print(f"mean IoU {sum(ious) / len(ious):.2f} over {len(ious)} entity-views")
     assert len(ious) >= 8 and sum(ious) / len(ious) > 0.65, ious
+
+
+@pytest.mark.parametrize(
+    ("xatt", "satt", "ffn"),
+    [(True, False, False), (True, False, True), (True, True, False), (False, False, False)],
+)
+def test_association_variants_still_train(one_batch, xatt, satt, ffn):
+    """Paper Table 9c rows (and everything off): the batch-level loss still falls."""
+    torch.manual_seed(0)
+    model = tiny_model(num_queries=16, xatt=xatt, satt=satt, ffn=ffn)
+    criterion = CropFormerCriterion(num_points=256)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch_losses = []
+    for _ in range(40):
+        terms = criterion(model(one_batch["images"]), one_batch["targets"])
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        batch_losses.append(sum(terms[f"batch/{k}"].item() for k in ("ce", "bce", "dice")))
+    assert sum(batch_losses[-5:]) < 0.6 * sum(batch_losses[:5])
