@@ -80,7 +80,10 @@ class EntityViewsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         if not self.train:
-            return self._make_sample(self.records[index], self._rng(index))
+            record = self.records[index]
+            sample = prediction_views(read_entity_image(record), self.views)
+            sample.update(image_id=record.image_id, file_name=str(record.path), num_skipped=0)
+            return sample
         for attempt in range(len(self.records)):
             record = self.records[(index + attempt) % len(self.records)]
             try:
@@ -96,45 +99,33 @@ class EntityViewsDataset(Dataset):
         raise EntityDataError(self.records[index].path, "no readable image in the dataset")
 
     def _rng(self, index: int) -> np.random.Generator:
-        # Fresh entropy per call at train time (torch seeds each worker); fixed for evaluation.
-        if self.train:
-            return np.random.default_rng([self.seed, index, int(torch.randint(0, 2**31, ()))])
-        return np.random.default_rng([self.seed, index])
+        # fresh entropy per call (torch seeds each dataloader worker differently)
+        return np.random.default_rng([self.seed, index, int(torch.randint(0, 2**31, ()))])
 
     def _make_sample(self, record: EntityImage, rng: np.random.Generator) -> dict:
+        """A training sample: random short side, one crop, maybe flipped, with targets."""
         cfg = self.views
         image = read_entity_image(record)
         height, width = image.shape[:2]
-        short = int(rng.choice(cfg.short_sizes)) if self.train else cfg.short_sizes[0]
-        size = shortest_edge_size(height, width, short, cfg.max_size)
+        size = shortest_edge_size(height, width, int(rng.choice(cfg.short_sizes)), cfg.max_size)
         boxes = crop_boxes(height, width, cfg.crop_layout, cfg.crop_delta, rng=rng)
-        if self.train and len(boxes) > 1:
-            boxes = [boxes[int(rng.integers(len(boxes)))]]
-        boxes = [(0, 0, width, height), *boxes]
-        flipped = self.train and bool(rng.random() < cfg.flip_prob)
+        boxes = [(0, 0, width, height), boxes[int(rng.integers(len(boxes)))]]
+        flipped = bool(rng.random() < cfg.flip_prob)
 
         views = [crop_and_resize(image, box, size) for box in boxes]
-        if self.train:
-            view_masks, ids = self._targets(record, boxes, size)
-            if flipped:  # mirror I^O, I^C and their masks together, as the release does
-                views, view_masks = zip(*map(hflip, views, view_masks), strict=True)
-        sample = {
-            "images": torch.stack([normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in views]),
-            "crop_boxes": torch.tensor(
-                [flip_box(b, width) if flipped else b for b in boxes], dtype=torch.float32
-            ),
-            "orig_size": (height, width),
-            "image_size": size,
-            "image_id": record.image_id,
-            "file_name": str(record.path),
-            "flipped": flipped,
-            "num_skipped": 0,
-        }
-        if self.train:
-            ids_tensor = torch.tensor(ids, dtype=torch.long)
-            sample["targets"] = [
+        view_masks, ids = self._targets(record, boxes, size)
+        if flipped:  # mirror I^O, I^C and their masks together, as the release does
+            views, view_masks = zip(*map(hflip, views, view_masks), strict=True)
+        sample = _sample(views, boxes, size, flipped, cfg)
+        ids_tensor = torch.tensor(ids, dtype=torch.long)
+        sample.update(
+            image_id=record.image_id,
+            file_name=str(record.path),
+            num_skipped=0,
+            targets=[
                 {"masks": torch.from_numpy(masks).bool(), "ids": ids_tensor} for masks in view_masks
-            ]
+            ],
+        )
         return sample
 
     def _targets(
@@ -152,6 +143,31 @@ class EntityViewsDataset(Dataset):
                 kept.append(view)
         empty = np.zeros((0, *size), dtype=np.uint8)
         return [np.stack(v) if v else empty for v in per_view], ids
+
+
+def prediction_views(image: np.ndarray, views: ViewConfig) -> dict:
+    """The test-time sample of any RGB image (``predict`` on user photos): I^O and its crops."""
+    height, width = image.shape[:2]
+    size = shortest_edge_size(height, width, views.short_sizes[0], views.max_size)
+    boxes = [(0, 0, width, height), *crop_boxes(height, width, views.crop_layout, views.crop_delta)]
+    sample = _sample(
+        [crop_and_resize(image, box, size) for box in boxes], boxes, size, False, views
+    )
+    return sample
+
+
+def _sample(images, boxes, size, flipped: bool, cfg: ViewConfig) -> dict:
+    """The image part of a sample: normalised views, their boxes (mirrored if flipped), sizes."""
+    width = boxes[0][2]
+    return {
+        "images": torch.stack([normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in images]),
+        "crop_boxes": torch.tensor(
+            [flip_box(b, width) if flipped else b for b in boxes], dtype=torch.float32
+        ),
+        "orig_size": (boxes[0][3], width),
+        "image_size": size,
+        "flipped": flipped,
+    }
 
 
 def collate_views(samples: list[dict], size_divisibility: int = 32) -> dict:
