@@ -1,34 +1,55 @@
-"""Pictures of entities: coloured mask overlays and crop boxes (TensorBoard, notebook, demo)."""
+"""Pictures of entities: coloured overlays with outlines, crop boxes, side-by-side panels.
+
+Everything goes through an entity-id map (``0`` = no entity, ``k`` = entity k), which is how
+a 4000 x 3000 photo with a hundred entities can be drawn without a mask per entity in memory.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_utils
 
 
 def entity_colors(count: int, seed: int = 0) -> np.ndarray:
     """``count`` distinct-looking RGB colours uint8 ``[count, 3]`` (golden-ratio hues)."""
     hues = (np.arange(count) * 0.618033988749895 + seed * 0.1) % 1.0
-    hsv = np.stack([hues * 179, np.full(count, 200), np.full(count, 255)], axis=1)
+    values = 255 - 55 * (np.arange(count) % 2)  # alternate brightness for neighbours in hue
+    hsv = np.stack([hues * 179, np.full(count, 200), values], axis=1)
     return cv2.cvtColor(hsv.astype(np.uint8)[None], cv2.COLOR_HSV2RGB)[0]
 
 
-def overlay_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Blend each mask ``[M, H, W]`` over an RGB image ``[H, W, 3]`` in its own colour.
+def id_map_from_masks(masks: Iterable[np.ndarray], height: int, width: int) -> np.ndarray:
+    """Paint binary masks in order into a uint16 id map (later masks win where they overlap)."""
+    id_map = np.zeros((height, width), dtype=np.uint16)
+    for k, mask in enumerate(masks, start=1):
+        id_map[np.asarray(mask, dtype=bool)] = k
+    return id_map
 
-    Later masks are painted over earlier ones; entity outlines are drawn in white.
-    """
-    out = image.astype(np.float32).copy()
-    colors = entity_colors(len(masks))
-    for mask, color in zip(masks.astype(bool), colors, strict=True):
-        out[mask] = (1 - alpha) * out[mask] + alpha * color
-    out = out.astype(np.uint8)
-    for mask in masks.astype(np.uint8):
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
+
+def id_map_from_rles(rles: Sequence[dict], height: int, width: int) -> np.ndarray:
+    """Entity-id map of COCO RLE masks, decoding one mask at a time."""
+    return id_map_from_masks((mask_utils.decode(r) for r in rles), height, width)
+
+
+def overlay_id_map(image: np.ndarray, id_map: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Blend each entity of an id map over an RGB image in its own colour, outlines in white."""
+    colors = np.concatenate([np.zeros((1, 3), np.uint8), entity_colors(int(id_map.max()))])
+    painted = colors[id_map].astype(np.float32)
+    covered = (id_map > 0)[..., None]
+    out = np.where(covered, (1 - alpha) * image + alpha * painted, image).astype(np.uint8)
+    edges = np.zeros(id_map.shape, dtype=bool)
+    edges[:, 1:] |= id_map[:, 1:] != id_map[:, :-1]
+    edges[1:, :] |= id_map[1:, :] != id_map[:-1, :]
+    out[edges] = 255
     return out
+
+
+def overlay_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """:func:`overlay_id_map` of binary masks ``[M, H, W]`` painted in order."""
+    return overlay_id_map(image, id_map_from_masks(masks, *image.shape[:2]), alpha)
 
 
 def draw_boxes(
@@ -40,3 +61,35 @@ def draw_boxes(
     for x0, y0, x1, y1 in boxes:
         cv2.rectangle(out, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), color, thickness)
     return out
+
+
+def labelled(image: np.ndarray, text: str) -> np.ndarray:
+    """A copy of ``image`` with ``text`` written in its top-left corner."""
+    out = np.ascontiguousarray(image).copy()
+    scale = max(0.4, min(out.shape[:2]) / 500)
+    thickness = max(1, round(scale * 2))
+    cv2.putText(
+        out, text, (6, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2
+    )
+    cv2.putText(
+        out, text, (6, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness
+    )
+    return out
+
+
+def side_by_side(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Panels of the same height next to each other, separated by white gaps."""
+    height = max(p.shape[0] for p in panels)
+    spacer = np.full((height, gap, 3), 255, np.uint8)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in panels]
+    return np.concatenate([x for p in padded for x in (p, spacer)][:-1], axis=1)
+
+
+def image_grid(tiles: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
+    """Tiles (e.g. one per validation image) in rows of ``columns`` (for TensorBoard)."""
+    rows = [side_by_side(tiles[i : i + columns], gap) for i in range(0, len(tiles), columns)]
+    width = max(r.shape[1] for r in rows)
+    rows = [
+        np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows
+    ]
+    return np.concatenate(rows, axis=0)

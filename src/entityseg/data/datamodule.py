@@ -29,6 +29,28 @@ log = logging.getLogger(__name__)
 RECIPE_TRAIN_SHORT_SIZES = tuple(range(640, 801, 32))
 
 
+def test_view_config(
+    test_short_size: int,
+    test_max_size: int,
+    size_scale: float,
+    crop_delta: float,
+    test_crop_layout: str,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    **_: object,
+) -> ViewConfig:
+    """Test-time views from the ``data`` config's keys (also used by ``predict`` on photos)."""
+    return ViewConfig(
+        short_sizes=tuple(scaled_sizes([test_short_size], size_scale)),
+        max_size=scaled_sizes([test_max_size], size_scale)[0],
+        crop_layout=test_crop_layout,
+        crop_delta=float(crop_delta),
+        flip_prob=0.0,
+        pixel_mean=tuple(float(v) for v in pixel_mean),
+        pixel_std=tuple(float(v) for v in pixel_std),
+    )
+
+
 class EntityDataModule(L.LightningDataModule):
     """Entity segmentation data for CropFormer.
 
@@ -96,12 +118,14 @@ class EntityDataModule(L.LightningDataModule):
             flip_prob=float(flip_prob),
             **common,
         )
-        self.test_views = ViewConfig(
-            short_sizes=tuple(scaled_sizes([test_short_size], size_scale)),
-            max_size=scaled_sizes([test_max_size], size_scale)[0],
-            crop_layout=test_crop_layout,
-            flip_prob=0.0,
-            **common,
+        self.test_views = test_view_config(
+            test_short_size,
+            test_max_size,
+            size_scale,
+            crop_delta,
+            test_crop_layout,
+            pixel_mean,
+            pixel_std,
         )
         self.collate = partial(collate_views, size_divisibility=hp.size_divisibility)
         self.datasets: dict[str, EntityViewsDataset] = {}

@@ -1,0 +1,1 @@
+"""Evaluation of entity predictions: class-agnostic COCO mask AP (AP^e) with pycocotools."""

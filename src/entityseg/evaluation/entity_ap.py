@@ -1,0 +1,391 @@
+"""AP^e: class-agnostic COCO mask AP of entity predictions, computed by pycocotools.
+
+Entity segmentation has one class, "entity", so every ground-truth annotation and every
+prediction is put in category 1 before pycocotools' ``COCOeval(iouType="segm")`` runs with its
+standard parameters (IoU .50:.05:.95, maxDets 1/10/100, COCO area ranges). Predictions' ``bbox``
+is dropped, so that ``loadRes`` takes each prediction's area from its mask (with a ``bbox`` it
+would take the box's area, and the small/medium/large split would follow the boxes). Crowd
+ground truth (``iscrowd=1``) stays an ignore region, as pycocotools treats it. The numbers are
+exactly those of a plain pycocotools run done that way, times 100:
+
+* a metric that pycocotools reports as -1 (no non-crowd ground truth in that area range) is
+  ``float("nan")``, not -100, so it cannot be averaged into a table by mistake;
+* an empty prediction list (which ``loadRes`` cannot load) is evaluated as an empty result set:
+  0.0 wherever there is ground truth, NaN where pycocotools would say -1, as for any other
+  prediction list;
+* every ground-truth image is evaluated, so an image without predictions counts its entities
+  as misses; predictions for images that are not in the ground truth are an error.
+
+``EntityAP`` wraps the same evaluation as a torchmetrics ``Metric`` whose state can be gathered
+across DDP ranks. Command line::
+
+    python -m entityseg.evaluation.entity_ap GT_JSON PREDICTIONS_JSON [--verbose]
+
+prints the metrics as one line of JSON (NaN written as ``null``); an unreadable input prints one
+line naming the file on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from entityseg.data.coco_entity import ENTITY_CATEGORY
+from entityseg.data.errors import EntityDataError
+
+#: The first six numbers of ``COCOeval.summarize()`` (all at maxDets 100), in its order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+#: How many offending image ids an error message lists before it abbreviates.
+_MAX_IDS_IN_MESSAGE = 20
+
+#: Where in-memory predictions come from, for error messages.
+_IN_MEMORY = "predictions"
+
+
+def evaluate(
+    gt_json_path: str | Path,
+    predictions: list[dict] | str | Path,
+    *,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """AP^e (in percent) of COCO-result ``predictions`` against the entity json ``gt_json_path``.
+
+    ``predictions`` is a list of ``{"image_id", "segmentation": RLE, "score"}`` dicts (counts
+    ``str`` or ``bytes``; ``category_id`` and ``bbox`` are ignored) or the path of a results
+    json holding such a list. The inputs are not modified. ``verbose`` lets pycocotools print
+    its progress and summary table. Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``,
+    NaN where pycocotools reports -1.
+    """
+    gt_source = str(gt_json_path)
+    with _pycocotools_output(verbose):
+        coco_gt = class_agnostic_ground_truth(_read_json(gt_json_path), gt_source)
+    source, raw_predictions = _predictions_and_source(predictions)
+    results = class_agnostic_results(raw_predictions, source)
+    _check_images(results, coco_gt, gt_source)
+    with _pycocotools_output(verbose):
+        coco_dt = _load_results(coco_gt, results)
+        stats = _run_cocoeval(coco_gt, coco_dt)
+    return _metrics_from_stats(stats)
+
+
+def class_agnostic_ground_truth(data: Any, source: str) -> COCO:
+    """A pycocotools ``COCO`` of the json ``data`` with every annotation in the entity category.
+
+    The annotations are copied, so ``data`` is left as it is. Annotation ids must be positive
+    and unique: pycocotools looks annotations up by id and takes id 0 for "unmatched", so a
+    duplicate id loses an annotation and id 0 lets one entity be matched many times.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise EntityDataError(source, "not a COCO json: expected an object with an 'images' list")
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise EntityDataError(source, "'annotations' is not a list")
+    _check_annotation_ids(annotations, source)
+    coco = COCO()
+    coco.dataset = {
+        **data,
+        "annotations": [{**ann, "category_id": ENTITY_CATEGORY["id"]} for ann in annotations],
+        "categories": [dict(ENTITY_CATEGORY)],
+    }
+    coco.createIndex()
+    return coco
+
+
+def class_agnostic_results(predictions: Any, source: str = _IN_MEMORY) -> list[dict]:
+    """Validated copies of COCO results as ``loadRes`` should see them: category 1, no bbox.
+
+    Only ``image_id``, ``segmentation`` and ``score`` are kept (in their order), so ``loadRes``
+    computes each area and box from the mask.
+    """
+    if not isinstance(predictions, list):
+        raise EntityDataError(source, "predictions must be a list of COCO result objects")
+    return [_class_agnostic_result(pred, index, source) for index, pred in enumerate(predictions)]
+
+
+def _class_agnostic_result(prediction: Any, index: int, source: str) -> dict:
+    """One prediction reduced to the fields AP^e uses, after checking they are usable."""
+    where = f"{source}: prediction {index}"
+    if not isinstance(prediction, Mapping):
+        raise ValueError(f"{where} is not an object")
+    missing = [key for key in ("image_id", "segmentation", "score") if key not in prediction]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    segmentation = prediction["segmentation"]
+    if not _is_compressed_rle(segmentation):
+        raise ValueError(
+            f"{where}: 'segmentation' must be a compressed RLE {{'size', 'counts': str}}"
+        )
+    return {
+        "image_id": prediction["image_id"],
+        "category_id": ENTITY_CATEGORY["id"],
+        "segmentation": segmentation,
+        "score": float(prediction["score"]),
+    }
+
+
+def _is_compressed_rle(segmentation: Any) -> bool:
+    """Whether ``segmentation`` is an RLE that pycocotools can take the area of directly."""
+    return (
+        isinstance(segmentation, Mapping)
+        and isinstance(segmentation.get("counts"), str | bytes)
+        and isinstance(segmentation.get("size"), Sequence)
+        and len(segmentation["size"]) == 2
+    )
+
+
+def _check_annotation_ids(annotations: list, source: str) -> None:
+    """Reject annotation ids that pycocotools' index and matching silently mishandle."""
+    seen: set = set()
+    for ann in annotations:
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        if not isinstance(ann_id, int) or ann_id <= 0:
+            raise EntityDataError(source, f"annotation id {ann_id!r} is not a positive integer")
+        if ann_id in seen:
+            raise EntityDataError(source, "annotation id is not unique", ann_id)
+        seen.add(ann_id)
+
+
+def _check_images(results: list[dict], coco_gt: COCO, gt_source: str) -> None:
+    """Predictions must be for ground-truth images, at the image's size (pycocotools asserts
+    on the first and silently mis-scores the second)."""
+    images = coco_gt.imgs
+    unknown = _sorted_ids({pred["image_id"] for pred in results} - images.keys())
+    if unknown:
+        raise ValueError(
+            f"predictions for image ids not in the ground truth {gt_source}: {_format_ids(unknown)}"
+        )
+    for index, pred in enumerate(results):
+        image = images[pred["image_id"]]
+        expected = [image.get("height"), image.get("width")]
+        if None not in expected and list(pred["segmentation"]["size"]) != expected:
+            raise ValueError(
+                f"prediction {index} for image {pred['image_id']}: mask size "
+                f"{list(pred['segmentation']['size'])} is not the image's {expected}"
+            )
+
+
+def _sorted_ids(ids: set) -> list:
+    """The ids in order (by their text when they are of mixed types)."""
+    try:
+        return sorted(ids)
+    except TypeError:
+        return sorted(ids, key=str)
+
+
+def _format_ids(ids: list) -> str:
+    """The ids as a short list, abbreviated when there are many."""
+    shown = ", ".join(str(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
+    more = len(ids) - _MAX_IDS_IN_MESSAGE
+    return f"[{shown}]" if more <= 0 else f"[{shown}, ... and {more} more]"
+
+
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """``coco_gt.loadRes(results)``, and for no results the empty result set it cannot build."""
+    if results:
+        return coco_gt.loadRes(results)
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": [dict(ENTITY_CATEGORY)],
+        "annotations": [],
+    }
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def _run_cocoeval(coco_gt: COCO, coco_dt: COCO) -> list[float]:
+    """pycocotools' standard mask evaluation over every ground-truth image."""
+    evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
+    evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return [evaluator.stats[i] for i in range(len(METRIC_NAMES))]
+
+
+def _metrics_from_stats(stats: Sequence[float]) -> dict[str, float]:
+    """pycocotools' stats in percent; its -1 ("undefined") becomes NaN."""
+    return {
+        name: float("nan") if stat == -1 else float(stat * 100)
+        for name, stat in zip(METRIC_NAMES, stats, strict=True)
+    }
+
+
+@contextlib.contextmanager
+def _pycocotools_output(verbose: bool) -> Iterator[None]:
+    """Let pycocotools print only when asked; it prints progress and tables unconditionally."""
+    if verbose:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _read_json(path: str | Path) -> Any:
+    """The parsed json file, or a one-line error naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise EntityDataError(path, f"cannot read: {reason}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise EntityDataError(path, f"not valid JSON: {err}") from err
+
+
+def _predictions_and_source(predictions: list[dict] | str | Path) -> tuple[str, Any]:
+    """The prediction list and the name that error messages should give its origin."""
+    if isinstance(predictions, str | Path):
+        return str(predictions), _read_json(predictions)
+    return _IN_MEMORY, predictions
+
+
+# --- torchmetrics wrapper -------------------------------------------------------------------
+
+#: The metric's state lists, one tensor per ``update`` each, in the order they are decoded.
+STATE_NAMES = ("image_ids", "scores", "mask_heights", "mask_widths", "counts_lengths", "counts")
+
+
+def encode_predictions(predictions: Sequence[Mapping], device: torch.device | str = "cpu") -> dict:
+    """COCO results as flat tensors (one entry per prediction; RLE counts as concatenated bytes).
+
+    Scores are float64 so that decoding gives back the exact Python floats, and with them
+    pycocotools' ranking, ties included.
+    """
+    results = class_agnostic_results(list(predictions))
+    counts = [_counts_bytes(pred["segmentation"]["counts"]) for pred in results]
+    sizes = [[int(v) for v in pred["segmentation"]["size"]] for pred in results]
+
+    def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return {
+        "image_ids": tensor([int(pred["image_id"]) for pred in results], torch.int64),
+        "scores": tensor([pred["score"] for pred in results], torch.float64),
+        "mask_heights": tensor([h for h, _ in sizes], torch.int64),
+        "mask_widths": tensor([w for _, w in sizes], torch.int64),
+        "counts_lengths": tensor([len(c) for c in counts], torch.int64),
+        "counts": torch.frombuffer(bytearray(b"".join(counts)), dtype=torch.uint8).to(device)
+        if counts
+        else tensor([], torch.uint8),
+    }
+
+
+def decode_predictions(states: Mapping[str, torch.Tensor]) -> list[dict]:
+    """The COCO results that ``encode_predictions`` encoded, from states concatenated (as
+    torchmetrics' ``cat`` reduction leaves them) over updates and ranks, in that order."""
+    columns = {name: states[name].detach().cpu() for name in STATE_NAMES}
+    lengths = columns["counts_lengths"].tolist()
+    counts_bytes = columns["counts"].to(torch.uint8).numpy().tobytes()
+    if sum(lengths) != len(counts_bytes):
+        raise ValueError(f"RLE counts hold {len(counts_bytes)} bytes, lengths say {sum(lengths)}")
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return [
+        {
+            "image_id": image_id,
+            "category_id": ENTITY_CATEGORY["id"],
+            "segmentation": {
+                "size": [height, width],
+                "counts": counts_bytes[start:end].decode("ascii"),
+            },
+            "score": score,
+        }
+        for image_id, score, height, width, start, end in zip(
+            columns["image_ids"].tolist(),
+            columns["scores"].to(torch.float64).tolist(),
+            columns["mask_heights"].tolist(),
+            columns["mask_widths"].tolist(),
+            offsets[:-1],
+            offsets[1:],
+            strict=True,
+        )
+    ]
+
+
+def _counts_bytes(counts: str | bytes) -> bytes:
+    """Compressed RLE counts as bytes (pycocotools writes them ASCII-only)."""
+    return counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+
+
+class EntityAP(Metric):
+    """AP^e over all predictions seen since the last ``reset``, gathered from every DDP rank.
+
+    The state is kept as lists of tensors, not of Python dicts, because torchmetrics can only
+    gather tensors between processes: each ``update`` appends one tensor per field (image ids,
+    float64 scores, mask sizes, RLE-count lengths, and the RLE counts' bytes as uint8), and the
+    ``cat`` reduction concatenates them rank after rank; ``compute`` decodes them back into COCO
+    results and runs :func:`evaluate`. Nothing is deduplicated: a distributed sampler that pads
+    ranks with repeated images adds their predictions twice, so evaluate without padding.
+    ``update`` appends even for an empty list, so that every rank that saw a batch has tensors
+    of the right dtype to gather; call it at least once on every rank. ``forward`` would run the
+    whole evaluation per batch: use ``update``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, gt_json_path: str | Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gt_json_path = Path(gt_json_path)
+        for name in STATE_NAMES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, predictions: list[dict]) -> None:
+        """Keep the COCO results of a batch (``image_id``, RLE ``segmentation``, ``score``)."""
+        for name, tensor in encode_predictions(predictions, self.device).items():
+            getattr(self, name).append(tensor)
+
+    def compute(self) -> dict[str, float]:
+        """:func:`evaluate` on every kept prediction."""
+        return evaluate(self.gt_json_path, decode_predictions(self._concatenated_states()))
+
+    def _concatenated_states(self) -> dict[str, torch.Tensor]:
+        """Each state as one tensor: a list locally, already one tensor after a DDP sync."""
+        states = {name: getattr(self, name) for name in STATE_NAMES}
+        if any(isinstance(value, list) and not value for value in states.values()):
+            return encode_predictions([])
+        return {name: dim_zero_cat(value) for name, value in states.items()}
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the AP^e of a results json as one line of JSON; 2 for an unusable input."""
+    parser = argparse.ArgumentParser(
+        prog="python -m entityseg.evaluation.entity_ap",
+        description="Class-agnostic COCO mask AP (AP^e) of entity predictions, in percent.",
+    )
+    parser.add_argument("gt_json", help="entity ground truth, COCO instance json")
+    parser.add_argument("predictions_json", help="COCO results json (a list of predictions)")
+    parser.add_argument("--verbose", action="store_true", help="show pycocotools' output")
+    args = parser.parse_args(argv)
+    try:
+        metrics = evaluate(args.gt_json, args.predictions_json, verbose=args.verbose)
+    except ValueError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: None if math.isnan(v) else v for k, v in metrics.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

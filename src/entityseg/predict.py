@@ -1,0 +1,127 @@
+"""Entity masks for your own images.
+
+``python -m entityseg.predict ckpt_path=... input=<image | folder | glob> output=<folder>
+[inference.mode=batch_oc] [data.test_crop_layout=fixed8]`` writes, per image, ``<stem>.png``
+(16-bit entity-id map, 0 = none, 1 = the highest-scoring entity) and ``<stem>_overlay.jpg``
+(coloured entities with outlines and the crop boxes), and one ``predictions.json`` (COCO
+results with ``file_name``, RLE and score; with ``gt=<coco json>`` the image ids follow that
+json). Unreadable images are reported by name and skipped; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+from rich.progress import track
+
+from entityseg.config import instantiate_checked
+from entityseg.data.coco_entity import read_rgb_image
+from entityseg.data.datamodule import test_view_config
+from entityseg.data.errors import EntityDataError
+from entityseg.data.views import collate_views, prediction_views
+from entityseg.evaluate import check_modes, pick_device
+from entityseg.inference.fusion import Entities, to_coco_results
+from entityseg.inference.runner import run_modes
+from entityseg.models.checkpoint import load_weights
+from entityseg.viz import draw_boxes, id_map_from_rles, overlay_id_map
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def find_images(pattern: str) -> list[Path]:
+    """An image file, every image of a folder (sorted), or the files matching a glob."""
+    path = Path(pattern)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if path.is_file():
+        return [path]
+    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not matches:
+        raise SystemExit(f"input={pattern!r}: no such file, folder or matching files")
+    return matches
+
+
+def image_ids_from_gt(gt_json: str | None) -> dict[str, int]:
+    """File name -> image id of a COCO json (empty without one)."""
+    if gt_json is None:
+        return {}
+    images = json.loads(Path(gt_json).read_text())["images"]
+    return {Path(img["file_name"]).name: int(img["id"]) for img in images}
+
+
+def write_pictures(image: np.ndarray, entities: Entities, boxes, out_dir: Path, stem: str) -> None:
+    id_map = id_map_from_rles(entities.rles, *image.shape[:2])
+    Image.fromarray(id_map).save(out_dir / f"{stem}.png")  # uint16 -> 16-bit PNG
+    overlay = draw_boxes(overlay_id_map(image, id_map), boxes[1:])
+    Image.fromarray(overlay).save(out_dir / f"{stem}_overlay.jpg", quality=90)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    check_modes([cfg.inference.mode])
+    views = test_view_config(**cfg.data)
+    net = instantiate_checked(cfg.model.net, "model.net")
+    load_weights(net, cfg.ckpt_path)
+    device = pick_device(cfg.inference.device)
+    net.to(device).eval()
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    known_ids = image_ids_from_gt(cfg.gt)
+
+    mode = cfg.inference.mode
+    paths = find_images(cfg.input)
+    predictions, failed = [], []
+    for index, path in enumerate(track(paths, description="predicting")):
+        try:
+            image = read_rgb_image(path)
+        except EntityDataError as err:
+            log.error("skipped: %s", err)
+            failed.append(path)
+            continue
+        if known_ids and path.name not in known_ids:
+            log.error("skipped: %s: not an image of gt=%s", path, cfg.gt)
+            failed.append(path)
+            continue
+        image_id = known_ids.get(path.name, index + 1)
+        sample = prediction_views(image, views)
+        sample.update(image_id=image_id, file_name=str(path), num_skipped=0)
+        batch = collate_views([sample])
+        result = run_modes(
+            net,
+            [batch],
+            [mode],
+            device,
+            cfg.inference.max_entities,
+            cfg.inference.overlapping,
+            cfg.inference.query_chunk,
+            description="",
+            show_progress=False,
+        )[mode]
+        entities = result.entities[image_id]
+        write_pictures(image, entities, sample["crop_boxes"].tolist(), out_dir, path.stem)
+        for record in to_coco_results(entities, image_id):
+            predictions.append({**record, "file_name": path.name})
+    (out_dir / "predictions.json").write_text(json.dumps(predictions))
+    log.info(
+        "wrote %d entities of %d images to %s",
+        len(predictions),
+        len(paths) - len(failed),
+        out_dir,
+    )
+    if failed:
+        raise SystemExit(
+            f"{len(failed)} image(s) could not be read: " + ", ".join(str(p) for p in failed)
+        )
+
+
+if __name__ == "__main__":
+    main()
