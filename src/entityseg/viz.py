@@ -93,3 +93,19 @@ def image_grid(tiles: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.nd
         np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows
     ]
     return np.concatenate(rows, axis=0)
+
+
+def compare_modes(
+    image: np.ndarray, entities_by_mode: dict, crop_boxes: Sequence[Sequence[float]]
+) -> np.ndarray:
+    """Side by side: the image with its crops I^C drawn, then each mode's entities (labelled).
+
+    ``entities_by_mode`` maps a mode name (e.g. ``image_o``, ``batch_oc``) to its
+    :class:`~entityseg.inference.fusion.Entities`; ``crop_boxes`` are the crops in pixels.
+    """
+    height, width = image.shape[:2]
+    panels = [labelled(draw_boxes(image, crop_boxes), "crops")]
+    for mode, entities in entities_by_mode.items():
+        id_map = id_map_from_rles(entities.rles, height, width)
+        panels.append(labelled(overlay_id_map(image, id_map), f"{mode}: {len(entities)}"))
+    return side_by_side(panels)

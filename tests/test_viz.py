@@ -1,0 +1,55 @@
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+
+from entityseg.inference.fusion import Entities
+from entityseg.viz import (
+    compare_modes,
+    entity_colors,
+    id_map_from_rles,
+    image_grid,
+    overlay_id_map,
+    overlay_masks,
+)
+
+
+def test_colors_are_distinct():
+    colors = entity_colors(50)
+    assert len({tuple(c) for c in colors}) == 50
+
+
+def test_overlay_colours_entities_and_outlines_them():
+    image = np.full((20, 30, 3), 100, np.uint8)
+    masks = np.zeros((2, 20, 30), bool)
+    masks[0, 2:10, 2:12] = True
+    masks[1, 5:15, 8:25] = True  # painted over the first where they overlap
+    out = overlay_masks(image, masks)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert np.all(out[0, 0] == 100)  # background untouched
+    assert not np.array_equal(out[6, 4], out[12, 20])  # two entities, two colours
+    assert (out[13:17, 20] == 255).all(-1).any()  # the outline at the bottom edge of entity 2
+
+
+def test_id_map_from_rles_and_compare_modes():
+    masks = np.zeros((2, 16, 24), np.uint8)
+    masks[0, :8] = 1
+    masks[1, 8:, 12:] = 1
+    rles = [mask_utils.encode(np.asfortranarray(m)) for m in masks]
+    id_map = id_map_from_rles(rles, 16, 24)
+    assert id_map.dtype == np.uint16 and set(np.unique(id_map)) == {0, 1, 2}
+    entities = Entities(
+        rles=rles,
+        scores=torch.tensor([0.9, 0.8]),
+        query_indices=torch.tensor([3, 1]),
+        image_size=(16, 24),
+    )
+    image = np.zeros((16, 24, 3), np.uint8)
+    panel = compare_modes(image, {"image_o": entities, "batch_oc": entities}, [(0, 0, 12, 8)])
+    assert panel.shape == (16, 3 * 24 + 2 * 4, 3)
+    assert overlay_id_map(image, id_map).shape == image.shape
+
+
+def test_image_grid_rows():
+    tiles = [np.zeros((10, 12, 3), np.uint8)] * 5
+    grid = image_grid(tiles, columns=2, gap=2)
+    assert grid.shape == (3 * (10 + 2), 2 * 12 + 2, 3)
