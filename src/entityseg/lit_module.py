@@ -1,0 +1,213 @@
+"""LightningModule: CropFormer's training and validation steps, optimiser and logging.
+
+Lightning runs the loops, devices, DDP, precision and gradient clipping (``conf/trainer``);
+this module says what one step computes. Training: L = 0.5 L_i + 1.0 L_b (the criterion) on
+batches of V = 2 views. Validation and test: every inference mode of ``inference.modes`` is
+fused from one forward pass and scored with AP^e against the data module's json, each mode
+with its own DDP-synced :class:`EntityAP`; pictures of the predicted entities (Image-O beside
+Batch-OC, crops drawn) go to TensorBoard every ``log_images_every_n_steps`` validation steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from entityseg.data.transforms import denormalize
+from entityseg.evaluation.entity_ap import EntityAP
+from entityseg.inference.fusion import fuse_entities, to_coco_results
+from entityseg.viz import compare_modes, image_grid
+
+NO_WEIGHT_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)
+NO_WEIGHT_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed")
+
+
+class CropFormerModule(L.LightningModule):
+    """Wraps the network (``net``), its criterion, inference and AP^e.
+
+    Args:
+        net: :class:`~entityseg.models.cropformer.CropFormer`.
+        criterion: :class:`~entityseg.losses.criterion.CropFormerCriterion`.
+        optimizer: ``lr``, ``weight_decay``, ``backbone_lr_factor`` (AdamW; no weight decay on
+            norms and embeddings, as Mask2Former).
+        scheduler: ``power`` of the poly schedule over ``trainer.max_steps`` (no warm-up).
+        inference: ``modes``, ``max_entities``, ``overlapping``, ``query_chunk``.
+        log_images_every_n_steps: validation steps between TensorBoard pictures (0: never).
+        pixel_mean, pixel_std: to draw the normalised views.
+        backbone: the ``model/backbone`` config choice; it sits at ``model.backbone`` so that
+            ``model/backbone=swin_tiny`` selects it, and ``net`` reads it from there. Unused here.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        criterion: nn.Module,
+        optimizer: Mapping,
+        scheduler: Mapping,
+        inference: Mapping,
+        log_images_every_n_steps: int = 10,
+        pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53),
+        pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375),
+        backbone: Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "criterion", "backbone"], logger=False)
+        self.net = net
+        self.criterion = criterion
+        self.modes = list(inference["modes"])
+        if not self.net.has_batch_decoder:  # the Mask2Former baseline has Image-O only
+            self.modes = [m for m in self.modes if m == "image_o"]
+        self.metrics = nn.ModuleDict()
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        jsons = {
+            "val": datamodule.hparams.val_json,
+            "test": datamodule.hparams.test_json or datamodule.hparams.val_json,
+        }
+        for split, gt_json in jsons.items():
+            for mode in self.modes:
+                key = f"{split}_{mode}"
+                if key not in self.metrics:
+                    self.metrics[key] = EntityAP(gt_json, sync_on_compute=True)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.net(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.criterion(self.net(batch["images"]), batch["targets"])
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step} "
+                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); "
+                "stopping: the last checkpoint before this step is intact"
+            )
+        size = batch["images"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=size)
+        self.log(
+            "train/skipped_images", float(batch["num_skipped"]), batch_size=size, reduce_fx="sum"
+        )
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate_step(batch, batch_idx, "test")
+
+    def _evaluate_step(self, batch: dict, batch_idx: int, split: str) -> None:
+        outputs = self.net(batch["images"])
+        fused = {}
+        for mode in self.modes:
+            fused[mode] = fuse_entities(
+                outputs,
+                batch["crop_boxes"],
+                batch["image_sizes"],
+                batch["orig_sizes"],
+                mode,
+                max_entities=self.hparams.inference["max_entities"],
+                overlapping=self.hparams.inference["overlapping"],
+                query_chunk=self.hparams.inference["query_chunk"],
+            )
+            results = [
+                r
+                for image_id, entities in zip(batch["image_ids"].tolist(), fused[mode], strict=True)
+                for r in to_coco_results(entities, image_id)
+            ]
+            self.metrics[f"{split}_{mode}"].update(results)
+        every = self.hparams.log_images_every_n_steps
+        if split == "val" and every and batch_idx % every == 0:
+            self._log_pictures(batch, fused, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_ap("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ap("test")
+
+    def _log_ap(self, split: str) -> None:
+        for mode in self.modes:
+            metric = self.metrics[f"{split}_{mode}"]
+            values = metric.compute()
+            for key, name in (("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75")):
+                value = values[key]
+                value = 0.0 if math.isnan(value) else value
+                self.log(f"{split}/{name}_{mode}", value, sync_dist=False, rank_zero_only=False)
+            metric.reset()
+
+    def _log_pictures(self, batch: dict, fused: dict, batch_idx: int) -> None:
+        """Each image of the batch: its crops, then the entities of every mode."""
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        tiles = []
+        for n in range(batch["images"].shape[0]):
+            h, w = batch["image_sizes"][n].tolist()
+            full_h, full_w = batch["orig_sizes"][n].tolist()
+            view = denormalize(
+                batch["images"][n, 0, :, :h, :w].float(),
+                self.hparams.pixel_mean,
+                self.hparams.pixel_std,
+            )
+            image = _resize_rgb(view, full_h, full_w)
+            per_mode = {mode: fused[mode][n] for mode in self.modes}
+            tiles.append(compare_modes(image, per_mode, batch["crop_boxes"][n, 1:].tolist()))
+        picture = image_grid(tiles, columns=1)
+        experiment.add_image(
+            f"val/entities_{batch_idx}", picture, self.global_step, dataformats="HWC"
+        )
+
+    def configure_optimizers(self):
+        opt = self.hparams.optimizer
+        groups = parameter_groups(
+            self.net, opt["lr"], opt["weight_decay"], opt["backbone_lr_factor"]
+        )
+        optimizer = torch.optim.AdamW(groups, lr=opt["lr"], weight_decay=opt["weight_decay"])
+        total = max(1, int(self.trainer.max_steps))
+        power = self.hparams.scheduler["power"]
+
+        def poly(step: int) -> float:
+            return max(0.0, 1.0 - step / total) ** power
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def parameter_groups(
+    net: nn.Module, lr: float, weight_decay: float, backbone_lr_factor: float
+) -> list[dict]:
+    """AdamW groups: backbone lr x factor; no weight decay on norms, embeddings, position tables."""
+    no_decay = set()
+    for module in net.modules():
+        if isinstance(module, NO_WEIGHT_DECAY_TYPES):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in net.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = id(param) not in no_decay and not any(k in name for k in NO_WEIGHT_DECAY_NAMES)
+        groups.setdefault((name.startswith("backbone."), decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": lr * (backbone_lr_factor if backbone else 1.0),
+            "weight_decay": weight_decay if decay else 0.0,
+        }
+        for (backbone, decay), params in groups.items()
+    ]
+
+
+def _resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The network's full view back at the original size, for drawing original-size masks."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height)))

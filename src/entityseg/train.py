@@ -1,0 +1,55 @@
+"""Train CropFormer: ``python -m entityseg.train experiment=cropformer_swinl``.
+
+Instantiates the data module, the LightningModule, callbacks, loggers and trainer from
+``conf/train.yaml``; fits (resuming from ``ckpt_path`` if given); tests the best checkpoint;
+returns the metric named by ``optimized_metric`` so that ``-m`` sweeps can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from entityseg.config import instantiate_checked
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test as configured; the metrics are also written to ``metrics.json``."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate_checked(cfg.data, "data")
+    model = instantiate_checked(cfg.model, "model")
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.train:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    out = Path(cfg.paths.output_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    value = metrics.get(cfg.optimized_metric)
+    if value is None:
+        log.warning("optimized_metric %s was not logged", cfg.optimized_metric)
+    return value
+
+
+if __name__ == "__main__":
+    main()
