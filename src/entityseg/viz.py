@@ -15,6 +15,8 @@ import pycocotools.mask as mask_utils
 
 def entity_colors(count: int, seed: int = 0) -> np.ndarray:
     """``count`` distinct-looking RGB colours uint8 ``[count, 3]`` (golden-ratio hues)."""
+    if count == 0:
+        return np.zeros((0, 3), np.uint8)
     hues = (np.arange(count) * 0.618033988749895 + seed * 0.1) % 1.0
     values = 255 - 55 * (np.arange(count) % 2)  # alternate brightness for neighbours in hue
     hsv = np.stack([hues * 179, np.full(count, 200), values], axis=1)

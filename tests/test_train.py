@@ -1,0 +1,157 @@
+"""Training end to end: fast_dev_run, resume after a kill, NaN stop, DDP, a sweep + tables."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from entityseg.train import train
+
+TINY_RUN = [
+    "experiment=demo",
+    "data.num_workers=0",
+    "data.synthetic.num_train=4",
+    "data.synthetic.num_val=2",
+    "data.synthetic.height=96",
+    "data.synthetic.width=128",
+    "data.size_scale=0.16",
+    "model.criterion.num_points=256",
+]
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                *TINY_RUN,
+                f"paths.data_dir={tmp_path}/data",
+                f"paths.output_dir={tmp_path}/run",
+                *overrides,
+            ],
+        )
+
+
+def test_fast_dev_run_trains_validates_and_tests(tmp_path):
+    metrics = train(config(tmp_path, "+trainer.fast_dev_run=true"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert {"test/ap_image_o", "test/ap_batch_oc", "test/ap50_batch_c"} <= set(metrics)
+
+
+def test_killed_run_resumes_to_the_same_step_count(tmp_path):
+    common = [
+        "data.synthetic.num_train=6",
+        "trainer.max_steps=8",  # 3 steps an epoch
+        "trainer.check_val_every_n_epoch=100",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
+        "test=false",
+    ]
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RuntimeError, match="simulated kill at step 5"):
+        train(
+            config(
+                tmp_path,
+                *common,
+                "+callbacks.crash._target_=training_callbacks.CrashAtStep",
+                "+callbacks.crash.step=5",
+            )
+        )
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4  # mid-epoch
+    assert not list(last.parent.glob("*.tmp"))  # atomic writes leave no partial file
+    train(config(tmp_path, *common, f"ckpt_path={last}"))
+    assert torch.load(last, weights_only=False)["global_step"] == 8  # as if never killed
+
+
+class NaNCriterion(torch.nn.Module):
+    def __init__(self, **loss_weights):
+        super().__init__()
+
+    def forward(self, outputs, targets):
+        nan = outputs["image"]["masks"].sum() * float("nan")
+        return {"loss": nan, "image/ce": nan}
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        train(
+            config(
+                tmp_path,
+                "model.criterion._target_=test_train.NaNCriterion",
+                "~model.criterion.class_weight",
+                "trainer.max_steps=3",
+            )
+        )
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    dump = tmp_path / "ranks"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "entityseg.train",
+            *TINY_RUN,
+            "trainer=ddp_cpu",
+            "trainer.max_steps=2",
+            "trainer.check_val_every_n_epoch=1",
+            "test=false",
+            f"paths.data_dir={tmp_path}/data",
+            f"hydra.run.dir={tmp_path}/run",
+            "data.synthetic.num_val=4",
+            "+callbacks.dump._target_=training_callbacks.DumpRankState",
+            f"+callbacks.dump.out_dir={dump}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == [1, 2, 3, 4]  # all val images
+    assert len(ranks[0]["local"]) == 2  # each rank evaluated half of them
+
+
+@pytest.mark.slow
+def test_a_small_sweep_and_its_table(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "entityseg.train",
+            "-m",
+            *TINY_RUN,
+            "hparams_search=table9_delta",
+            "hydra.sweeper.params={data.crop_delta:'0.6,0.7'}",
+            "trainer.max_steps=2",
+            f"paths.data_dir={tmp_path}/data",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = subprocess.run(
+        [sys.executable, "scripts/collect_tables.py", str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert table.returncode == 0, table.stderr
+    lines = (tmp_path / "sweep/table.md").read_text().splitlines()
+    assert lines[0].startswith("| delta | AP^e |")
+    assert lines[2].startswith("| 0.6 |") and lines[2].endswith("| 40.2 |")
+    assert lines[3].startswith("| 0.7 |") and lines[3].endswith("| 41.0 |")
