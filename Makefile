@@ -18,7 +18,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/python -m entityseg.data.preview
+	$(BIN)/python -m entityseg.demo experiment=demo
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

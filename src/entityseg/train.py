@@ -21,8 +21,9 @@ from entityseg.config import instantiate_checked
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and test as configured; the metrics are also written to ``metrics.json``."""
+def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
+    """Fit and test as configured: the logged metrics (also in ``metrics.json``) and the path
+    of the best checkpoint by ``optimized_metric`` (the last one if there is none)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_checked(cfg.data, "data")
     model = instantiate_checked(cfg.model, "model")
@@ -32,19 +33,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = _best_checkpoint(trainer)
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     out = Path(cfg.paths.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    return metrics
+    return metrics, best
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str:
+    """The best checkpoint by the monitored metric, else the newest ``last.ckpt``."""
+    paths = [cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor]
+    paths += [cb.last_model_path for cb in trainer.checkpoint_callbacks]
+    return next((p for p in paths if p), "")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    metrics, _ = train(cfg)
     value = metrics.get(cfg.optimized_metric)
     if value is None:
         log.warning("optimized_metric %s was not logged", cfg.optimized_metric)
