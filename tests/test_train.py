@@ -38,7 +38,7 @@ def config(tmp_path, *overrides):
 
 
 def test_fast_dev_run_trains_validates_and_tests(tmp_path):
-    metrics, _ = train(config(tmp_path, "+trainer.fast_dev_run=true"))
+    metrics, _ = train(config(tmp_path, "+trainer.fast_dev_run=true", "test=true"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert {"test/ap_image_o", "test/ap_batch_oc", "test/ap50_batch_c"} <= set(metrics)
 

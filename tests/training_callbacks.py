@@ -5,7 +5,10 @@ import json
 from pathlib import Path
 
 import lightning as L
-import torch
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from entityseg.evaluation.entity_ap import EntityAP
 
 
 class CrashAtStep(L.Callback):
@@ -20,21 +23,32 @@ class CrashAtStep(L.Callback):
 
 
 class DumpRankState(L.Callback):
-    """Write each rank's weight hash and the val images its AP^e metric gathered."""
+    """Write each rank's weight hash, its validation images, and those its AP^e metric gathered."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
+        self.local: set[int] = set()
+        self.gathered: list[int] = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        metric = pl_module.metrics[f"val_{pl_module.modes[-1]}"]
-        with metric.sync_context():
-            gathered = sorted(
-                set(torch.cat(metric.image_ids).tolist())
-                if isinstance(metric.image_ids, list)
-                else set(metric.image_ids.tolist())
-            )
-        local = sorted(set(torch.cat(metric.image_ids).tolist()))
-        self._write(trainer, {"gathered": gathered, "local": local})
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.local = set()
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self.local.update(batch["image_ids"].tolist())
+        if batch_idx == trainer.num_val_batches[0] - 1:  # every rank is here: gather now
+            # the module's metric holds predictions (none, for an untrained model); a twin fed
+            # one whole-image prediction per image seen here shows what the gather brings
+            metric = pl_module.metrics[f"val_{pl_module.modes[-1]}"]
+            twin = EntityAP(metric.gt_json_path).to(pl_module.device)
+            twin.update([_whole_image(i, metric.gt_json_path) for i in sorted(self.local)])
+            with twin.sync_context(should_sync=True):
+                states = twin._concatenated_states()
+            self.gathered = sorted(set(states["image_ids"].tolist()))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._write(trainer, {"gathered": self.gathered, "local": sorted(self.local)})
 
     def on_train_end(self, trainer, pl_module) -> None:
         digest = hashlib.sha256()
@@ -47,3 +61,11 @@ class DumpRankState(L.Callback):
         path = self.out_dir / f"rank{trainer.global_rank}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**old, **data}))
+
+
+def _whole_image(image_id: int, gt_json: Path) -> dict:
+    """A prediction covering the whole image ``image_id`` of a COCO json."""
+    image = next(i for i in json.loads(Path(gt_json).read_text())["images"] if i["id"] == image_id)
+    rle = mask_utils.encode(np.ones((image["height"], image["width"]), np.uint8, order="F"))
+    rle["counts"] = rle["counts"].decode()
+    return {"image_id": image_id, "segmentation": rle, "score": 1.0}
