@@ -122,3 +122,43 @@ def test_predict_on_a_folder_with_a_bad_file(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads((with_gt / "predictions.json").read_text())
     COCO(str(tmp_path / "photos/annotations.json")).loadRes(predictions)
+
+
+@pytest.mark.slow
+def test_table7_sweep_from_one_checkpoint(checkpoint, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "entityseg.evaluate",
+            "-m",
+            "experiment=demo",
+            f"ckpt_path={checkpoint}",
+            "hparams_search=table7",
+            f"paths.data_dir={tmp_path}/data",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            *SMALL_DATA,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = subprocess.run(
+        [sys.executable, "scripts/collect_tables.py", str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert table.returncode == 0, table.stderr
+    lines = (tmp_path / "sweep/table.md").read_text().splitlines()
+    assert lines[0].startswith("| mode | AP^e |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| [image_o]",
+        "| [batch_o]",
+        "| [batch_c]",
+        "| [batch_oc]",
+    ]
+    assert lines[-1].endswith("| 41.0 |")

@@ -33,6 +33,10 @@ PAPER_NAMES = {
 }
 
 
+#: ``metrics.json`` key prefix -> row key, the names ``train.py`` logs (for collect_tables.py)
+METRIC_KEYS = {"ap": "AP", "ap50": "AP50", "ap75": "AP75", "forward_ms": "forward_ms"}
+
+
 def check_modes(modes) -> None:
     """Stop at once, in one line, on a mode that is not one of Table 7's four."""
     unknown = [m for m in modes if m not in PAPER_NAMES]
@@ -112,6 +116,8 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     rows = table_rows(results, gt_json, out_dir)
     (out_dir / "table7.json").write_text(json.dumps(rows, indent=2))
+    metrics = {f"test/{k}_{r['mode']}": r[m] for r in rows for k, m in METRIC_KEYS.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (out_dir / "table7.md").write_text(markdown_table(rows))
     print(markdown_table(rows))
     log.info("wrote %s", out_dir / "table7.md")

@@ -57,9 +57,9 @@ class EntityDataModule(L.LightningDataModule):
     Args:
         train_json, train_images: COCO entity json and image folder for training.
         val_json, val_images: the same for validation (and test unless ``test_json`` is given).
-        synthetic: if set, ``{"num_train", "num_val", "seed", "height", "width"}``: the train
-            and val sets are generated into the folders of ``train_json`` / ``val_json`` when
-            their json is missing.
+        synthetic: if set, ``{"num_train", "num_val", "seed", "height", "width"}`` and
+            optionally ``num_objects`` / ``num_small``: the train and val sets are generated
+            into the folders of ``train_json`` / ``val_json`` when their json is missing.
         batch_size, val_batch_size, num_workers: loader settings.
         crop_delta: crop ratio delta of width and height.
         train_crop_layout: ``random``, ``fixed4`` or ``fixed8`` (one crop is used per image).
@@ -181,6 +181,7 @@ class EntityDataModule(L.LightningDataModule):
                 seed=int(syn["seed"]) + offset,
                 height=int(syn["height"]),
                 width=int(syn["width"]),
+                **{k: int(syn[k]) for k in ("num_objects", "num_small") if k in syn},
                 show_progress=True,
             )
             if written != Path(json_path):
