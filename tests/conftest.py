@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,16 @@ def coco_sample(shared_data, tmp_path) -> Path:
     dst = tmp_path / "coco_panoptic_sample"
     shutil.copytree(shared_data / "coco_panoptic_sample", dst)
     return dst
+
+
+def collected_table(multirun: Path) -> list[str]:
+    """Run ``scripts/collect_tables.py`` on a multirun folder: the lines of its table.md."""
+    result = subprocess.run(
+        [sys.executable, "scripts/collect_tables.py", str(multirun)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return (multirun / "table.md").read_text().splitlines()

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from pycocotools.coco import COCO
 
-from conftest import REPO
+from conftest import REPO, collected_table
 
 SMALL_DATA = [
     "data.num_workers=0",
@@ -145,15 +145,7 @@ def test_table7_sweep_from_one_checkpoint(checkpoint, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = subprocess.run(
-        [sys.executable, "scripts/collect_tables.py", str(tmp_path / "sweep")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert table.returncode == 0, table.stderr
-    lines = (tmp_path / "sweep/table.md").read_text().splitlines()
+    lines = collected_table(tmp_path / "sweep")
     assert lines[0].startswith("| mode | AP^e |")
     assert [line.split(" | ")[0] for line in lines[2:]] == [
         "| [image_o]",

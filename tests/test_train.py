@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from conftest import REPO, collected_table
 from entityseg.train import train
 
 TINY_RUN = [
@@ -143,15 +143,7 @@ def test_a_small_sweep_and_its_table(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = subprocess.run(
-        [sys.executable, "scripts/collect_tables.py", str(tmp_path / "sweep")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert table.returncode == 0, table.stderr
-    lines = (tmp_path / "sweep/table.md").read_text().splitlines()
+    lines = collected_table(tmp_path / "sweep")
     assert lines[0].startswith("| delta | AP^e |")
     assert lines[2].startswith("| 0.6 |") and lines[2].endswith("| 40.2 |")
     assert lines[3].startswith("| 0.7 |") and lines[3].endswith("| 41.0 |")

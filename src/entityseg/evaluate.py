@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from entityseg.config import instantiate_checked
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
-from entityseg.inference.fusion import to_coco_results
+from entityseg.inference.fusion import INFERENCE_MODES, to_coco_results
 from entityseg.inference.runner import ModeResults, run_modes
 from entityseg.models.checkpoint import load_weights
 
@@ -39,11 +39,11 @@ METRIC_KEYS = {"ap": "AP", "ap50": "AP50", "ap75": "AP75", "forward_ms": "forwar
 
 def check_modes(modes) -> None:
     """Stop at once, in one line, on a mode that is not one of Table 7's four."""
-    unknown = [m for m in modes if m not in PAPER_NAMES]
+    unknown = [m for m in modes if m not in INFERENCE_MODES]
     if unknown:
         raise SystemExit(
             f"config error: inference mode {unknown[0]!r} is unknown; expected one of "
-            f"{list(PAPER_NAMES)}"
+            f"{list(INFERENCE_MODES)}"
         )
 
 
