@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from entityseg.data.transforms import denormalize
@@ -137,7 +138,7 @@ class CropFormerModule(L.LightningModule):
             values = metric.compute()
             for key, name in (("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75")):
                 value = values[key]
-                value = 0.0 if math.isnan(value) else value
+                value = 0.0 if math.isnan(value) else value  # NaN: no GT of that kind at all
                 self.log(f"{split}/{name}_{mode}", value, sync_dist=False, rank_zero_only=False)
             metric.reset()
 
@@ -208,6 +209,4 @@ def parameter_groups(
 
 def _resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """The network's full view back at the original size, for drawing original-size masks."""
-    from PIL import Image
-
     return np.asarray(Image.fromarray(image).resize((width, height)))
