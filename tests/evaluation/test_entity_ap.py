@@ -332,6 +332,16 @@ def test_metric_over_batches_equals_evaluate(gt_path):
         assert metric.compute() == evaluate(gt_path, [])
 
 
+def test_metric_ignores_images_repeated_by_distributed_padding(gt_path):
+    predictions = noisy_predictions(4)
+    padded = EntityAP(gt_path)
+    padded.update(predictions)
+    repeated = [p for p in predictions if p["image_id"] == predictions[0]["image_id"]]
+    padded.update(repeated)
+    assert evaluate(gt_path, predictions + repeated) != evaluate(gt_path, predictions)
+    assert padded.compute() == evaluate(gt_path, predictions)
+
+
 def test_metric_state_round_trip_keeps_order_and_values():
     predictions = noisy_predictions(10)
     given = copy.deepcopy(predictions)

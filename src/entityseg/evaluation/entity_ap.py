@@ -319,6 +319,17 @@ def decode_predictions(states: Mapping[str, torch.Tensor]) -> list[dict]:
     ]
 
 
+def unique_predictions(predictions: list[dict]) -> list[dict]:
+    """Drop exact repeats (same image, RLE and score), keeping the first of each, in order."""
+    seen, unique = set(), []
+    for p in predictions:
+        key = (p["image_id"], p["score"], p["segmentation"]["counts"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
 def _counts_bytes(counts: str | bytes) -> bytes:
     """Compressed RLE counts as bytes (pycocotools writes them ASCII-only)."""
     return counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
@@ -331,8 +342,9 @@ class EntityAP(Metric):
     gather tensors between processes: each ``update`` appends one tensor per field (image ids,
     float64 scores, mask sizes, RLE-count lengths, and the RLE counts' bytes as uint8), and the
     ``cat`` reduction concatenates them rank after rank; ``compute`` decodes them back into COCO
-    results and runs :func:`evaluate`. Nothing is deduplicated: a distributed sampler that pads
-    ranks with repeated images adds their predictions twice, so evaluate without padding.
+    results and runs :func:`evaluate`. Lightning's distributed sampler pads the ranks with
+    repeated images, whose predictions come back bit-identical: exact duplicates (same image,
+    mask and score) are dropped before scoring, so padding does not count an image twice.
     ``update`` appends even for an empty list, so that every rank that saw a batch has tensors
     of the right dtype to gather; call it at least once on every rank. ``forward`` would run the
     whole evaluation per batch: use ``update``.
@@ -355,7 +367,8 @@ class EntityAP(Metric):
 
     def compute(self) -> dict[str, float]:
         """:func:`evaluate` on every kept prediction."""
-        return evaluate(self.gt_json_path, decode_predictions(self._concatenated_states()))
+        predictions = decode_predictions(self._concatenated_states())
+        return evaluate(self.gt_json_path, unique_predictions(predictions))
 
     def _concatenated_states(self) -> dict[str, torch.Tensor]:
         """Each state as one tensor: a list locally, already one tensor after a DDP sync."""
