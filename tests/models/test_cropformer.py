@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from conftest import REPO
 from entityseg.models.association import AssociationModule
 from entityseg.models.cropformer import CropFormer
+from entityseg.models.heads import MaskLogits
 
 TINY = dict(
     backbone=dict(name="resnet10t", pretrained=False),
@@ -39,10 +40,41 @@ def test_output_shapes(views):
         assert out[key]["logits"].shape == (2, views, 8, 2)
         assert out[key]["masks"].shape == (2, views, 8, 16, 24)
         assert len(out[key]["aux"]) == 3  # the learnable queries + layers 1..2
-        assert all(a["masks"].shape == (2, views, 8, 16, 24) for a in out[key]["aux"])
+        # eval mode: intermediate predictions keep their scores, no stride-4 masks are made
+        assert all(a.keys() == {"logits"} for a in out[key]["aux"])
+        assert all(a["logits"].shape == (2, views, 8, 2) for a in out[key]["aux"])
     # one batch query = one entity score shared by every view
     logits = out["batch"]["logits"]
     assert torch.equal(logits, logits[:, :1].expand_as(logits))
+
+
+def test_training_mode_keeps_every_intermediate_mask():
+    out = tiny_model().train()(torch.randn(1, 2, 3, 64, 96))
+    for key in ("image", "batch"):
+        assert [a["masks"].shape for a in out[key]["aux"]] == [(1, 2, 8, 16, 24)] * 3
+
+
+def test_attention_masks_from_resized_features_equal_resized_masks(monkeypatch):
+    """interpolate(e . F) == e . interpolate(F): the saving changes nothing but rounding."""
+    model = tiny_model().eval()
+    images = torch.randn(1, 3, 3, 64, 96)
+    with torch.no_grad():
+        fast = model(images)
+
+        def resized_masks(self, embedding, level):  # the unoptimised way
+            full = self.full(embedding)
+            size = self.resized[level].shape[-2:]
+            flat = full.reshape(-1, 1, *full.shape[-2:])
+            small = torch.nn.functional.interpolate(
+                flat, size=size, mode="bilinear", align_corners=False
+            )
+            return small.reshape(*full.shape[:-2], *size)
+
+        monkeypatch.setattr(MaskLogits, "at_level", resized_masks)
+        slow = model(images)
+    for key in ("image", "batch"):
+        torch.testing.assert_close(fast[key]["masks"], slow[key]["masks"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast[key]["logits"], slow[key]["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_views_are_decoded_independently_by_the_image_decoder():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from entityseg.models.heads import MaskLogits
 from entityseg.models.image_decoder import DecoderPrediction, MaskedAttentionDecoder
 from entityseg.models.position_encoding import sine_position_3d
 
@@ -49,11 +50,6 @@ def decode_batch(
     ]
     query_pos = decoder.query_embed.weight[None].expand(n, -1, -1)
     view_features = mask_features.reshape(n, views, *mask_features.shape[1:])  # [N, V, D, h, w]
-
-    def predict(q: torch.Tensor) -> DecoderPrediction:
-        logits, embedding = decoder.heads(q)
-        return DecoderPrediction(logits, torch.einsum("bqc,bvchw->bqvhw", embedding, view_features))
-
-    sizes = [tuple(x.shape[-2:]) for x in features]
-    predictions, _ = decoder.run_layers(batch_queries, query_pos, memory, positions, sizes, predict)
+    masks = MaskLogits(view_features, [tuple(x.shape[-2:]) for x in features])
+    predictions, _ = decoder.run_layers(batch_queries, query_pos, memory, positions, masks)
     return predictions

@@ -86,21 +86,28 @@ class CropFormer(nn.Module):
                 self.image_decoder.query_embed.weight,
             )
             batch_predictions = decode_batch(decoder, batch_queries, multi_scale, mask_features, v)
-            outputs["batch"] = _as_outputs(batch_predictions, n, v)
+            outputs["batch"] = _as_outputs(batch_predictions, n, v, batch_level=True)
         return outputs
 
 
-def _as_outputs(predictions: list[DecoderPrediction], n: int, v: int) -> dict:
-    """Predictions of one decoder in the ``[N, V, Q, ...]`` layout of the loss and inference."""
+def _as_outputs(
+    predictions: list[DecoderPrediction], n: int, v: int, batch_level: bool = False
+) -> dict:
+    """Predictions of one decoder in the ``[N, V, Q, ...]`` layout of the loss and inference.
+
+    In eval mode the ``aux`` entries have ``logits`` only (no intermediate masks are made).
+    """
 
     def layout(p: DecoderPrediction) -> dict:
-        if p.masks.dim() == 5:  # batch level: logits [N, Q, 2], masks [N, Q, V, h, w]
-            logits = p.logits[:, None].expand(-1, v, -1, -1)
-            masks = p.masks.transpose(1, 2)
-        else:  # image level: [N*V, Q, 2], [N*V, Q, h, w]
-            logits = p.logits.reshape(n, v, *p.logits.shape[1:])
-            masks = p.masks.reshape(n, v, *p.masks.shape[1:])
-        return {"logits": logits, "masks": masks}
+        if batch_level:  # logits [N, Q, 2] -> one score per query in every view
+            out = {"logits": p.logits[:, None].expand(-1, v, -1, -1)}
+            if p.masks is not None:  # [N, Q, V, h, w]
+                out["masks"] = p.masks.transpose(1, 2)
+        else:  # [N*V, Q, 2], [N*V, Q, h, w]
+            out = {"logits": p.logits.reshape(n, v, *p.logits.shape[1:])}
+            if p.masks is not None:
+                out["masks"] = p.masks.reshape(n, v, *p.masks.shape[1:])
+        return out
 
     final = layout(predictions[-1])
     final["aux"] = [layout(p) for p in predictions[:-1]]

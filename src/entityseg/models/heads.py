@@ -44,19 +44,53 @@ class EntityHeads(nn.Module):
         return self.class_embed(embedding), self.mask_embed(embedding)
 
 
-def attention_mask(
-    mask_logits: torch.Tensor, size: tuple[int, int], num_heads: int
-) -> torch.Tensor:
+class MaskLogits:
+    """U^m: mask embeddings dotted with mask features, at stride 4 or at an attention scale.
+
+    Masked attention needs each query's mask at the scale of the level it attends to. Bilinear
+    resizing is linear, so ``interpolate(e . F) == e . interpolate(F)`` up to float rounding:
+    resizing the D-channel features once per scale and dotting them with the embeddings
+    replaces resizing Q stride-4 masks after every layer, and at inference no stride-4 mask is
+    made for the intermediate layers at all.
+
+    ``features`` are ``[B, D, h, w]`` (one view per batch item) or ``[B, V, D, h, w]`` (the
+    batch decoder: every view of an image); masks keep the same view layout after ``Q``.
+    """
+
+    def __init__(self, features: torch.Tensor, sizes: list[tuple[int, int]]) -> None:
+        self.has_views = features.dim() == 5
+        self.features = features if self.has_views else features[:, None]  # [B, V, D, h, w]
+        b, v, d = self.features.shape[:3]
+        flat = self.features.flatten(0, 1)
+        self.resized = [
+            F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(
+                b, v, d, *size
+            )
+            for size in sizes
+        ]
+
+    def full(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, D]`` -> stride-4 mask logits ``[B, Q, (V,) h, w]``."""
+        return self._dot(embedding, self.features)
+
+    def at_level(self, embedding: torch.Tensor, level: int) -> torch.Tensor:
+        """``[B, Q, D]`` -> mask logits at the scale of ``level``: ``[B, Q, (V,) h_l, w_l]``."""
+        return self._dot(embedding, self.resized[level])
+
+    def _dot(self, embedding: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        masks = torch.einsum("bqc,bvchw->bqvhw", embedding, features)
+        return masks if self.has_views else masks[:, :, 0]
+
+
+def attention_mask(level_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Masked attention: each query may only attend where its predicted mask is foreground.
 
-    ``mask_logits [B, Q, *views, h, w]`` are resized bilinearly to the attention scale ``size``;
-    positions with sigmoid < 0.5 are blocked (True). A query whose mask is empty everywhere
-    attends everywhere. Returns bool ``[B * heads, Q, prod(views) * size]`` (the token order of
+    ``level_logits [B, Q, *views, h_l, w_l]`` are mask logits at the attention scale; positions
+    with sigmoid < 0.5 are blocked (True). A query whose mask is empty everywhere attends
+    everywhere. Returns bool ``[B * heads, Q, prod(views) * h_l * w_l]`` (the token order of
     the memory: views outer, then rows, then columns).
     """
-    b, q = mask_logits.shape[:2]
-    flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:])
-    resized = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
-    blocked = (resized.reshape(b, q, -1).sigmoid() < 0.5).detach()
+    b, q = level_logits.shape[:2]
+    blocked = (level_logits.reshape(b, q, -1).sigmoid() < 0.5).detach()
     blocked[blocked.all(dim=-1)] = False
     return blocked.repeat_interleave(num_heads, dim=0)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from entityseg.models.attention_layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
-from entityseg.models.heads import EntityHeads, attention_mask
+from entityseg.models.heads import EntityHeads, MaskLogits, attention_mask
 from entityseg.models.position_encoding import sine_position_2d
 
 NUM_LEVELS = 3
@@ -26,10 +26,14 @@ NUM_LEVELS = 3
 
 @dataclass
 class DecoderPrediction:
-    """One prediction of a decoder: entity logits and mask logits (stride 4)."""
+    """One prediction of a decoder: entity logits and mask logits (stride 4).
+
+    ``masks`` is None for the intermediate predictions at inference (eval mode), where only the
+    final masks are used: the attention masks come from :meth:`MaskLogits.at_level`.
+    """
 
     logits: torch.Tensor  # [B, Q, 2]
-    masks: torch.Tensor  # [B, Q, h, w] (image level) or [B, Q, V, h, w] (batch level)
+    masks: torch.Tensor | None  # [B, Q, h, w] (image level) or [B, Q, V, h, w] (batch level)
 
 
 class MaskedAttentionDecoder(nn.Module):
@@ -105,29 +109,37 @@ class MaskedAttentionDecoder(nn.Module):
         queries = self.query_feat.weight[None].expand(batch, -1, -1)
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
 
-        def predict(q: torch.Tensor) -> DecoderPrediction:
-            logits, embedding = self.heads(q)
-            return DecoderPrediction(
-                logits, torch.einsum("bqc,bchw->bqhw", embedding, mask_features)
-            )
-
         sizes = [tuple(x.shape[-2:]) for x in features]
-        return self.run_layers(queries, query_pos, memory, positions, sizes, predict)
+        masks = MaskLogits(mask_features, sizes)
+        return self.run_layers(queries, query_pos, memory, positions, masks)
 
-    def run_layers(self, queries, query_pos, memory, positions, sizes, predict):
-        """The shared loop: predict, then for each layer mask -> cross -> self -> FFN -> predict.
+    def run_layers(
+        self,
+        queries: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        masks: MaskLogits,
+    ) -> tuple[list[DecoderPrediction], torch.Tensor]:
+        """The shared loop: predict, then per layer: mask -> cross -> self -> FFN -> predict.
 
-        ``predict(queries) -> DecoderPrediction``; the attention mask of layer i is the
-        previous prediction's masks at the scale of level ``i % 3`` (``sizes[level]`` per view).
+        The attention mask of layer i comes from the previous prediction at the scale of level
+        ``i % 3``. Stride-4 masks are made for every prediction in training (deep supervision)
+        and only for the final one in eval mode.
         """
-        predictions = [predict(queries)]
-        for i in range(self.num_layers):
+        predictions = []
+        for i in range(self.num_layers + 1):
+            logits, embedding = self.heads(queries)
+            final = i == self.num_layers
+            full = masks.full(embedding) if self.training or final else None
+            predictions.append(DecoderPrediction(logits, full))
+            if final:
+                break
             level = i % NUM_LEVELS
-            blocked = attention_mask(predictions[-1].masks, sizes[level], self.num_heads)
+            blocked = attention_mask(masks.at_level(embedding, level), self.num_heads)
             queries = self.cross_attention[i](
                 queries, memory[level], blocked, positions[level], query_pos
             )
             queries = self.self_attention[i](queries, query_pos)
             queries = self.ffn[i](queries)
-            predictions.append(predict(queries))
         return predictions, queries
