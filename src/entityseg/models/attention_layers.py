@@ -2,6 +2,10 @@
 
 Each is a residual block with LayerNorm after (``pre_norm=False``, as released) or before the
 attention. Tensors are batch-first: queries ``[B, Q, C]``, memory ``[B, S, C]``.
+
+Attention keeps ``nn.MultiheadAttention``'s parameters (and so its checkpoint names) but runs
+through ``F.scaled_dot_product_attention``, which picks fused kernels where the hardware has
+them; :func:`multihead_attention` equals ``nn.MultiheadAttention.forward`` (tested).
 """
 
 from __future__ import annotations
@@ -19,6 +23,37 @@ def _xavier_init(module: nn.Module) -> None:
 
 def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x if pos is None else x + pos
+
+
+def multihead_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,  # [B, Lq, C]
+    key: torch.Tensor,  # [B, S, C]
+    value: torch.Tensor,  # [B, S, C]
+    blocked: torch.Tensor | None = None,  # [B * heads, Lq, S] bool, True = may not attend
+) -> torch.Tensor:
+    """``attn(query, key, value, attn_mask=blocked)[0]`` through scaled_dot_product_attention.
+
+    Every row of ``blocked`` must leave something to attend to (the masked-attention rule
+    "an empty mask attends everywhere" guarantees it).
+    """
+    batch, length, dim = query.shape
+    heads = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+    def split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias).unflatten(-1, (heads, dim // heads)).transpose(1, 2)
+
+    allowed = None if blocked is None else ~blocked.view(batch, heads, length, -1)
+    out = F.scaled_dot_product_attention(  # [B, heads, Lq, C/heads]
+        split(query, w_q, b_q),
+        split(key, w_k, b_k),
+        split(value, w_v, b_v),
+        attn_mask=allowed,
+        dropout_p=attn.dropout if attn.training else 0.0,
+    )
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class CrossAttentionLayer(nn.Module):
@@ -41,9 +76,9 @@ class CrossAttentionLayer(nn.Module):
         query_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.norm(queries) if self.pre_norm else queries
-        out = self.attn(
-            _with_pos(x, query_pos), _with_pos(memory, memory_pos), memory, attn_mask=attn_mask
-        )[0]
+        out = multihead_attention(
+            self.attn, _with_pos(x, query_pos), _with_pos(memory, memory_pos), memory, attn_mask
+        )
         queries = queries + self.dropout(out)
         return queries if self.pre_norm else self.norm(queries)
 
@@ -62,7 +97,7 @@ class SelfAttentionLayer(nn.Module):
     def forward(self, queries: torch.Tensor, query_pos: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(queries) if self.pre_norm else queries
         q = k = _with_pos(x, query_pos)
-        queries = queries + self.dropout(self.attn(q, k, x)[0])
+        queries = queries + self.dropout(multihead_attention(self.attn, q, k, x))
         return queries if self.pre_norm else self.norm(queries)
 
 

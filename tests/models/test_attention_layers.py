@@ -1,0 +1,24 @@
+import pytest
+import torch
+from torch import nn
+
+from entityseg.models.attention_layers import multihead_attention
+from entityseg.models.heads import attention_mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_attention_equals_nn_multihead_attention(masked):
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    query, key = torch.randn(2, 7, 32), torch.randn(2, 11, 32)
+    value = torch.randn(2, 11, 32)
+    blocked = None
+    if masked:  # the decoder's masks: some rows fully blocked are opened by the rule
+        logits = torch.randn(2, 7, 11)
+        logits[0, 3] = -5.0  # an empty mask: attends everywhere
+        blocked = attention_mask(logits, num_heads=4)
+        assert blocked.shape == (8, 7, 11) and blocked.any()
+    expected = attn(query, key, value, attn_mask=blocked)[0]
+    torch.testing.assert_close(
+        multihead_attention(attn, query, key, value, blocked), expected, rtol=1e-5, atol=1e-6
+    )
