@@ -56,8 +56,8 @@ def multihead_attention(
     return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
-class CrossAttentionLayer(nn.Module):
-    """Queries attend to memory (image tokens, or other queries in the association module)."""
+class _AttentionBlock(nn.Module):
+    """Attention + dropout + residual, LayerNorm after (as released) or before."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, pre_norm: bool = False):
         super().__init__()
@@ -66,6 +66,17 @@ class CrossAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
         _xavier_init(self)
+
+    def _normed_input(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.norm(queries) if self.pre_norm else queries
+
+    def _residual(self, queries: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        queries = queries + self.dropout(attended)
+        return queries if self.pre_norm else self.norm(queries)
+
+
+class CrossAttentionLayer(_AttentionBlock):
+    """Queries attend to memory (image tokens, or other queries in the association module)."""
 
     def forward(
         self,
@@ -75,30 +86,20 @@ class CrossAttentionLayer(nn.Module):
         memory_pos: torch.Tensor | None = None,
         query_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.norm(queries) if self.pre_norm else queries
+        x = self._normed_input(queries)
         out = multihead_attention(
             self.attn, _with_pos(x, query_pos), _with_pos(memory, memory_pos), memory, attn_mask
         )
-        queries = queries + self.dropout(out)
-        return queries if self.pre_norm else self.norm(queries)
+        return self._residual(queries, out)
 
 
-class SelfAttentionLayer(nn.Module):
+class SelfAttentionLayer(_AttentionBlock):
     """Queries attend to each other (reasoning about which query owns which entity)."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, pre_norm: bool = False):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
-        _xavier_init(self)
-
     def forward(self, queries: torch.Tensor, query_pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm(queries) if self.pre_norm else queries
+        x = self._normed_input(queries)
         q = k = _with_pos(x, query_pos)
-        queries = queries + self.dropout(multihead_attention(self.attn, q, k, x))
-        return queries if self.pre_norm else self.norm(queries)
+        return self._residual(queries, multihead_attention(self.attn, q, k, x))
 
 
 class FFNLayer(nn.Module):
