@@ -21,7 +21,8 @@ from torch import nn
 
 from entityseg.data.transforms import denormalize
 from entityseg.evaluation.entity_ap import EntityAP
-from entityseg.inference.fusion import fuse_entities, to_coco_results
+from entityseg.inference.fusion import to_coco_results
+from entityseg.inference.runner import fuse_modes
 from entityseg.viz import compare_modes, image_grid
 
 NO_WEIGHT_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)
@@ -103,19 +104,16 @@ class CropFormerModule(L.LightningModule):
         self._evaluate_step(batch, batch_idx, "test")
 
     def _evaluate_step(self, batch: dict, batch_idx: int, split: str) -> None:
-        outputs = self.net(batch["images"])
-        fused = {}
+        settings = self.hparams.inference
+        fused = fuse_modes(
+            self.net(batch["images"]),
+            batch,
+            self.modes,
+            settings["max_entities"],
+            settings["overlapping"],
+            settings["query_chunk"],
+        )
         for mode in self.modes:
-            fused[mode] = fuse_entities(
-                outputs,
-                batch["crop_boxes"],
-                batch["image_sizes"],
-                batch["orig_sizes"],
-                mode,
-                max_entities=self.hparams.inference["max_entities"],
-                overlapping=self.hparams.inference["overlapping"],
-                query_chunk=self.hparams.inference["query_chunk"],
-            )
             results = [
                 r
                 for image_id, entities in zip(batch["image_ids"].tolist(), fused[mode], strict=True)

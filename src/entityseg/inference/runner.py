@@ -38,6 +38,34 @@ def timed_forward(net: nn.Module, images: torch.Tensor, batch_level: bool) -> tu
     return outputs, (time.perf_counter() - start) * 1000
 
 
+def fuse_modes(
+    outputs: dict,
+    batch: dict,
+    modes: Sequence[str],
+    max_entities: int = 100,
+    overlapping: bool = False,
+    query_chunk: int = 16,
+    views: int | None = None,
+) -> dict[str, list[Entities]]:
+    """Entities of every image of a collated batch, per mode, from one forward's outputs.
+
+    ``views`` limits the batch's crop boxes to the first views, when the network saw only those.
+    """
+    return {
+        mode: fuse_entities(
+            outputs,
+            batch["crop_boxes"][:, :views],
+            batch["image_sizes"],
+            batch["orig_sizes"],
+            mode,
+            max_entities=max_entities,
+            overlapping=overlapping,
+            query_chunk=query_chunk,
+        )
+        for mode in modes
+    }
+
+
 @torch.inference_mode()
 def run_modes(
     net: nn.Module,
@@ -61,17 +89,10 @@ def run_modes(
         for pass_modes, views, batch_level in passes:
             images = batch["images"][:, :views].to(device)
             outputs, ms = timed_forward(net, images, batch_level)
-            for mode in pass_modes:
-                fused = fuse_entities(
-                    outputs,
-                    batch["crop_boxes"][:, :views],
-                    batch["image_sizes"],
-                    batch["orig_sizes"],
-                    mode,
-                    max_entities=max_entities,
-                    overlapping=overlapping,
-                    query_chunk=query_chunk,
-                )
+            fused_by_mode = fuse_modes(
+                outputs, batch, pass_modes, max_entities, overlapping, query_chunk, views
+            )
+            for mode, fused in fused_by_mode.items():
                 results[mode].forward_ms.extend([ms / len(fused)] * len(fused))
                 for image_id, entities in zip(batch["image_ids"].tolist(), fused, strict=True):
                     results[mode].entities[image_id] = entities
