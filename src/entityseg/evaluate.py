@@ -3,7 +3,8 @@
 ``python -m entityseg.evaluate ckpt_path=... [data=...] [inference.modes=[image_o,batch_oc]]``
 writes to its output folder one COCO results json per mode (``predictions_<mode>.json``),
 ``table7.md`` and ``table7.json`` (AP^e, AP^e_50, AP^e_75 and the median forward time per
-image, data loading excluded).
+image, data loading excluded). ``inference.precision=bf16`` runs the network under bf16
+autocast; ``model.compile=true`` compiles its backbone and pixel decoder (``torch.compile``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from entityseg.config import instantiate_checked
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
-from entityseg.inference.fusion import INFERENCE_MODES, to_coco_results
-from entityseg.inference.runner import ModeResults, run_modes
-from entityseg.models.checkpoint import load_weights
+from entityseg.inference.fusion import INFERENCE_MODES, check_compat, to_coco_results
+from entityseg.inference.runner import ModeResults, check_precision, run_modes
+from entityseg.interop.release import release_data_overrides
+from entityseg.models.checkpoint import TEST_VIEWS_KEY, build_network, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,36 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def load_network(cfg: DictConfig) -> tuple[nn.Module, DictConfig, torch.device]:
+    """The network of ``cfg.ckpt_path`` in eval mode on its device, and the ``data`` config.
+
+    The network is rebuilt from the configuration stored in the checkpoint (training and
+    converted release checkpoints have one), else from ``model.net``. With
+    ``inference.compat=release`` the data config's test views become the release's (its sizes,
+    crops and normalisation, stored by ``entityseg.convert_release``).
+    """
+    try:
+        check_compat(cfg.inference.compat, cfg.inference.overlapping)
+    except ValueError as err:
+        raise SystemExit(f"config error: inference.compat={cfg.inference.compat}: {err}") from None
+    try:
+        checkpoint = read_checkpoint(cfg.ckpt_path)
+        net = build_network(
+            cfg.ckpt_path, lambda: instantiate_checked(cfg.model.net, "model.net"), checkpoint
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"ckpt_path={cfg.ckpt_path}: {err}") from None
+    if cfg.model.compile:
+        net.compile_parts()
+    device = pick_device(cfg.inference.device)
+    data = cfg.data
+    if cfg.inference.compat == "release":
+        overrides = release_data_overrides(checkpoint.get(TEST_VIEWS_KEY))
+        data = OmegaConf.merge(cfg.data, overrides)
+        log.info("release-compatible test views: %s", overrides)
+    return net.to(device).eval(), data, device
 
 
 def table_rows(results: dict[str, ModeResults], gt_json: str, out_dir: Path) -> list[dict]:
@@ -94,11 +127,9 @@ def markdown_table(rows: list[dict]) -> str:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
     check_modes(cfg.inference.modes)
-    datamodule = instantiate_checked(cfg.data, "data")
-    net = instantiate_checked(cfg.model.net, "model.net")
-    load_weights(net, cfg.ckpt_path)
-    device = pick_device(cfg.inference.device)
-    net.to(device).eval()
+    check_precision(cfg.inference.precision)
+    net, data, device = load_network(cfg)
+    datamodule = instantiate_checked(data, "data")
     datamodule.prepare_data()
     datamodule.setup("test")
     gt_json = datamodule.hparams.test_json or datamodule.hparams.val_json
@@ -112,6 +143,8 @@ def main(cfg: DictConfig) -> float:
         overlapping=cfg.inference.overlapping,
         query_chunk=cfg.inference.query_chunk,
         description="evaluating",
+        precision=cfg.inference.precision,
+        compat=cfg.inference.compat,
     )
     out_dir = Path(cfg.paths.output_dir)
     rows = table_rows(results, gt_json, out_dir)

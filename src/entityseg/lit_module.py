@@ -10,6 +10,7 @@ Batch-OC, crops drawn) go to TensorBoard every ``log_images_every_n_steps`` vali
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -19,11 +20,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from entityseg.config import ConfigError
 from entityseg.data.transforms import denormalize
 from entityseg.evaluation.entity_ap import EntityAP
 from entityseg.inference.fusion import to_coco_results
-from entityseg.inference.runner import fuse_modes
+from entityseg.inference.runner import check_precision, fuse_modes, inference_precision
+from entityseg.models.checkpoint import NET_CONFIG_KEY, load_weights
 from entityseg.viz import compare_modes, image_grid
+
+log = logging.getLogger(__name__)
 
 NO_WEIGHT_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)
 NO_WEIGHT_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed")
@@ -38,11 +43,21 @@ class CropFormerModule(L.LightningModule):
         optimizer: ``lr``, ``weight_decay``, ``backbone_lr_factor`` (AdamW; no weight decay on
             norms and embeddings, as Mask2Former).
         scheduler: ``power`` of the poly schedule over ``trainer.max_steps`` (no warm-up).
-        inference: ``modes``, ``max_entities``, ``overlapping``, ``query_chunk``.
+        inference: ``modes``, ``max_entities``, ``overlapping``, ``query_chunk``, ``precision``
+            (``fp32`` | ``bf16``: the network's precision in validation and test, whatever
+            ``trainer.precision`` is).
         log_images_every_n_steps: validation steps between TensorBoard pictures (0: never).
         pixel_mean, pixel_std: to draw the normalised views.
         backbone: the ``model/backbone`` config choice; it sits at ``model.backbone`` so that
             ``model/backbone=swin_tiny`` selects it, and ``net`` reads it from there. Unused here.
+        ops: kernel choices (``ms_deform_attn``: auto | torch | triton), read by net from
+            ``model.ops``; unused here.
+        compile: ``torch.compile`` the backbone and the pixel decoder
+            (:meth:`~entityseg.models.cropformer.CropFormer.compile_parts`; same state dict).
+        init_from: a checkpoint to start from (fine-tuning): one of ours or one converted from
+            the release (``entityseg.convert_release``). Parts it has no weights for (the
+            association module of a Mask2Former checkpoint, the heads of a backbone-only file)
+            keep their initialisation; every other tensor must fit.
     """
 
     def __init__(
@@ -56,10 +71,22 @@ class CropFormerModule(L.LightningModule):
         pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53),
         pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375),
         backbone: Mapping | None = None,
+        ops: Mapping | None = None,
+        compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "criterion", "backbone"], logger=False)
+        self.save_hyperparameters(ignore=["net", "criterion", "backbone", "ops"], logger=False)
+        check_precision(inference.get("precision", "fp32"))
         self.net = net
+        if init_from:
+            try:
+                fresh = load_weights(self.net, init_from, allow_fresh_parts=True)
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError("init_from", init_from, str(err)) from None
+            log.info("weights from %s; initialised afresh: %s", init_from, fresh or "nothing")
+        if compile:
+            self.net.compile_parts()
         self.criterion = criterion
         self.modes = list(inference["modes"])
         if not self.net.has_batch_decoder:  # the Mask2Former baseline has Image-O only
@@ -105,8 +132,10 @@ class CropFormerModule(L.LightningModule):
 
     def _evaluate_step(self, batch: dict, batch_idx: int, split: str) -> None:
         settings = self.hparams.inference
+        with inference_precision(self.device, settings.get("precision", "fp32")):
+            outputs = self.net(batch["images"])
         fused = fuse_modes(
-            self.net(batch["images"]),
+            outputs,
             batch,
             self.modes,
             settings["max_entities"],
@@ -161,6 +190,10 @@ class CropFormerModule(L.LightningModule):
         experiment.add_image(
             f"val/entities_{batch_idx}", picture, self.global_step, dataformats="HWC"
         )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # predict / evaluate rebuild the network from this, without the training config
+        checkpoint[NET_CONFIG_KEY] = self.net.config
 
     def configure_optimizers(self):
         opt = self.hparams.optimizer

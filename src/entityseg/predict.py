@@ -6,6 +6,7 @@
 (coloured entities with outlines and the crop boxes), and one ``predictions.json`` (COCO
 results with ``file_name``, RLE and score; with ``gt=<coco json>`` the image ids follow that
 json). Unreadable images are reported by name and skipped; the exit code is 1 if any failed.
+``inference.precision=bf16`` and ``model.compile=true`` as in ``entityseg.evaluate``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from rich.progress import track
 
-from entityseg.config import instantiate_checked
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.data.datamodule import test_view_config
 from entityseg.data.errors import EntityDataError
 from entityseg.data.views import collate_views, prediction_views
-from entityseg.evaluate import check_modes, pick_device
+from entityseg.evaluate import check_modes, load_network
 from entityseg.inference.fusion import Entities, to_coco_results
-from entityseg.inference.runner import run_modes
-from entityseg.models.checkpoint import load_weights
+from entityseg.inference.runner import check_precision, run_modes
 from entityseg.viz import draw_boxes, id_map_from_rles, overlay_id_map
 
 log = logging.getLogger(__name__)
@@ -68,16 +67,21 @@ def write_pictures(image: np.ndarray, entities: Entities, boxes, out_dir: Path, 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     check_modes([cfg.inference.mode])
-    views = test_view_config(**cfg.data)
-    net = instantiate_checked(cfg.model.net, "model.net")
-    load_weights(net, cfg.ckpt_path)
-    device = pick_device(cfg.inference.device)
-    net.to(device).eval()
+    check_precision(cfg.inference.precision)
+    net, data, device = load_network(cfg)
+    views = test_view_config(**data)
+    mode = cfg.inference.mode
+    if mode != "image_o" and not net.has_batch_decoder:
+        log.info(
+            "inference.mode=%s needs CropFormer's batch decoder; this Mask2Former network "
+            "predicts with image_o",
+            mode,
+        )
+        mode = "image_o"
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     known_ids = image_ids_from_gt(cfg.gt)
 
-    mode = cfg.inference.mode
     paths = find_images(cfg.input)
     predictions, failed = [], []
     for index, path in enumerate(track(paths, description="predicting")):
@@ -105,6 +109,8 @@ def main(cfg: DictConfig) -> None:
             cfg.inference.query_chunk,
             description="",
             show_progress=False,
+            precision=cfg.inference.precision,
+            compat=cfg.inference.compat,
         )[mode]
         entities = result.entities[image_id]
         write_pictures(image, entities, sample["crop_boxes"].tolist(), out_dir, path.stem)

@@ -14,9 +14,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from entityseg.config import instantiate_checked
+from entityseg.models.checkpoint import fine_tuning_net_config, read_checkpoint, stored_net_config
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     """Fit and test as configured: the logged metrics (also in ``metrics.json``) and the path
     of the best checkpoint by ``optimized_metric`` (the last one if there is none)."""
     L.seed_everything(cfg.seed, workers=True)
+    _take_network_from_init_checkpoint(cfg)
     datamodule = instantiate_checked(cfg.data, "data")
     model = instantiate_checked(cfg.model, "model")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -41,6 +43,28 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return metrics, best
+
+
+def _take_network_from_init_checkpoint(cfg: DictConfig) -> None:
+    """With ``model.init_from``, build the network the checkpoint was saved from.
+
+    Its stored architecture replaces ``model.net``'s (training settings such as drop path and
+    the association switches stay the config's), so fine-tuning a converted release checkpoint
+    needs no other flag.
+    """
+    init_from = cfg.model.get("init_from")
+    if not init_from:
+        return
+    try:
+        stored = stored_net_config(read_checkpoint(init_from))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"config error: model.init_from={init_from!r}: {err}") from None
+    if stored is None:  # a bare state dict: the configured network must fit it
+        return
+    configured = OmegaConf.to_container(cfg.model.net, resolve=True)
+    with open_dict(cfg):
+        cfg.model.net = fine_tuning_net_config(configured, stored)
+    log.info("network architecture from %s", init_from)
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str:

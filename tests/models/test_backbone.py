@@ -29,6 +29,7 @@ CHANNELS = {  # per timm model: what each config must expose
     "swin_tiny_patch4_window7_224": (96, 192, 384, 768),
     "swin_large_patch4_window7_224": (192, 384, 768, 1536),
     "swin_large_patch4_window12_384": (192, 384, 768, 1536),
+    "hornet_large_gf": (192, 384, 768, 1536),
 }
 SMALL_CONFIGS = ["tiny", "swin_tiny"]  # real forwards on CPU
 # A Swin with the real layout (4 stages, window 7, shifted odd blocks) and few weights.

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from entityseg.config import ConfigError
@@ -21,7 +22,7 @@ from entityseg.data.coco_entity import load_entity_json
 from entityseg.data.crops import CROP_LAYOUTS, check_delta
 from entityseg.data.synthetic import generate_dataset
 from entityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, scaled_sizes
-from entityseg.data.views import EntityViewsDataset, ViewConfig, collate_views
+from entityseg.data.views import CROP_RESIZE_MODES, EntityViewsDataset, ViewConfig, collate_views
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def test_view_config(
     test_crop_layout: str,
     pixel_mean: Sequence[float],
     pixel_std: Sequence[float],
+    test_crop_resize: str = "same",
     **_: object,
 ) -> ViewConfig:
     """Test-time views from the ``data`` config's keys (also used by ``predict`` on photos)."""
@@ -48,6 +50,7 @@ def test_view_config(
         flip_prob=0.0,
         pixel_mean=tuple(float(v) for v in pixel_mean),
         pixel_std=tuple(float(v) for v in pixel_std),
+        crop_resize=test_crop_resize,
     )
 
 
@@ -61,9 +64,13 @@ class EntityDataModule(L.LightningDataModule):
             optionally ``num_objects`` / ``num_small``: the train and val sets are generated
             into the folders of ``train_json`` / ``val_json`` when their json is missing.
         batch_size, val_batch_size, num_workers: loader settings.
+        pin_memory: page-locked batches (faster copies to a GPU; ignored without one).
+        persistent_workers: keep the loader workers between epochs (with ``num_workers > 0``).
         crop_delta: crop ratio delta of width and height.
         train_crop_layout: ``random``, ``fixed4`` or ``fixed8`` (one crop is used per image).
         test_crop_layout: ``fixed4`` or ``fixed8`` (all crops are used).
+        test_crop_resize: ``same`` (every test view at the full view's size) or ``own`` (each
+            crop by its own shortest edge, as the release; set by ``inference.compat=release``).
         train_short_sizes, train_max_size, test_short_size, test_max_size: resize recipe, all
             multiplied by ``size_scale`` (1.0 = the release; smaller for CPU runs).
         flip_prob: probability of a horizontal flip of both views at train time.
@@ -86,9 +93,12 @@ class EntityDataModule(L.LightningDataModule):
         batch_size: int = 2,
         val_batch_size: int = 1,
         num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
         crop_delta: float = 0.7,
         train_crop_layout: str = "fixed4",
         test_crop_layout: str = "fixed4",
+        test_crop_resize: str = "same",
         train_short_sizes: Sequence[int] = RECIPE_TRAIN_SHORT_SIZES,
         train_max_size: int = 1333,
         test_short_size: int = 800,
@@ -126,6 +136,7 @@ class EntityDataModule(L.LightningDataModule):
             test_crop_layout,
             pixel_mean,
             pixel_std,
+            test_crop_resize,
         )
         self.collate = partial(collate_views, size_divisibility=hp.size_divisibility)
         self.datasets: dict[str, EntityViewsDataset] = {}
@@ -136,12 +147,13 @@ class EntityDataModule(L.LightningDataModule):
             check_delta(hp.crop_delta)
         except ValueError:
             raise ConfigError("crop_delta", hp.crop_delta, "must be in (0, 1]") from None
-        for key, allowed in (
-            ("train_crop_layout", CROP_LAYOUTS),
-            ("test_crop_layout", ("fixed4", "fixed8")),
+        for key, allowed, what in (
+            ("train_crop_layout", CROP_LAYOUTS, "crop layout"),
+            ("test_crop_layout", ("fixed4", "fixed8"), "crop layout"),
+            ("test_crop_resize", CROP_RESIZE_MODES, "crop resize"),
         ):
             if hp[key] not in allowed:
-                raise ConfigError(key, hp[key], f"unknown crop layout; expected one of {allowed}")
+                raise ConfigError(key, hp[key], f"unknown {what}; expected one of {allowed}")
         for key in ("batch_size", "val_batch_size", "size_divisibility"):
             if not isinstance(hp[key], int) or hp[key] < 1:
                 raise ConfigError(key, hp[key], "must be a positive integer")
@@ -238,6 +250,7 @@ class EntityDataModule(L.LightningDataModule):
             shuffle=shuffle,
             drop_last=drop_last,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
             collate_fn=self.collate,
         )

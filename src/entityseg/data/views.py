@@ -36,6 +36,12 @@ class ViewConfig:
     flip_prob: float
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
+    #: test-time crop sizes: ``"same"`` every view at the full view's size (ours); ``"own"``
+    #: each crop resized by its own shortest edge, long side uncapped (the release's test views)
+    crop_resize: str = "same"
+
+
+CROP_RESIZE_MODES = ("same", "own")
 
 
 class EntityViewsDataset(Dataset):
@@ -146,21 +152,44 @@ class EntityViewsDataset(Dataset):
 
 
 def prediction_views(image: np.ndarray, views: ViewConfig) -> dict:
-    """The test-time sample of any RGB image (``predict`` on user photos): I^O and its crops."""
+    """The test-time sample of any RGB image (``predict`` on user photos): I^O and its crops.
+
+    With ``views.crop_resize == "own"`` the views differ in size: they are zero-padded (after
+    normalisation) to a common size and ``image_size`` lists each view's valid ``(h, w)``.
+    """
+    if views.crop_resize not in CROP_RESIZE_MODES:
+        raise ValueError(f"crop_resize={views.crop_resize!r}: expected one of {CROP_RESIZE_MODES}")
     height, width = image.shape[:2]
-    size = shortest_edge_size(height, width, views.short_sizes[0], views.max_size)
+    short = views.short_sizes[0]
+    size = shortest_edge_size(height, width, short, views.max_size)
     boxes = [(0, 0, width, height), *crop_boxes(height, width, views.crop_layout, views.crop_delta)]
+    if views.crop_resize == "same":
+        return _sample(
+            [crop_and_resize(image, box, size) for box in boxes], boxes, size, False, views
+        )
+    sizes = [size] + [
+        shortest_edge_size(y1 - y0, x1 - x0, short, _UNCAPPED) for x0, y0, x1, y1 in boxes[1:]
+    ]
     sample = _sample(
-        [crop_and_resize(image, box, size) for box in boxes], boxes, size, False, views
+        [crop_and_resize(image, box, s) for box, s in zip(boxes, sizes, strict=True)],
+        boxes,
+        sizes,
+        False,
+        views,
     )
     return sample
+
+
+_UNCAPPED = 1 << 30  # no limit on the long side
 
 
 def _sample(images, boxes, size, flipped: bool, cfg: ViewConfig) -> dict:
     """The image part of a sample: normalised views, their boxes (mirrored if flipped), sizes."""
     width = boxes[0][2]
+    normalized = [normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in images]
+    pad_h, pad_w = max(v.shape[-2] for v in normalized), max(v.shape[-1] for v in normalized)
     return {
-        "images": torch.stack([normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in images]),
+        "images": torch.stack([_pad(v, pad_h, pad_w) for v in normalized]),
         "crop_boxes": torch.tensor(
             [flip_box(b, width) if flipped else b for b in boxes], dtype=torch.float32
         ),
@@ -175,7 +204,8 @@ def collate_views(samples: list[dict], size_divisibility: int = 32) -> dict:
 
     Batch: ``images`` float[N, V, 3, H, W]; ``targets`` list[N] of list[V] of dicts with
     ``masks`` bool[M, H, W] and ``ids`` long[M] (training only); ``crop_boxes`` float[N, V, 4];
-    ``image_sizes`` long[N, 2] the valid (h, w) region of every view; ``orig_sizes`` long[N, 2];
+    ``image_sizes`` long[N, 2] the valid (h, w) region of every view (long[N, V, 2] for views of
+    different sizes, ``crop_resize="own"``); ``orig_sizes`` long[N, 2];
     ``image_ids`` long[N]; ``file_names``; ``flipped`` bool[N]; ``num_skipped`` (int).
     """
     if len({s["images"].shape[0] for s in samples}) != 1:

@@ -40,6 +40,10 @@ Where we differ from the release:
   * ``image_sizes`` may give a valid size per view (the release's crop views can differ in size
     from the full view).
 
+``compat="release"`` undoes those differences, to reproduce the release's entities exactly: the
+mask score averages ``sigmoid(U^m)`` over the mask (``sum / (area + 1e-6)``), every query is
+returned (empty masks with score 0) and the order is the release's, descending U^e.
+
 Memory: masks are made at the original resolution H x W for ``query_chunk`` queries at a time;
 Q x H x W float masks never exist. Peak, beyond the network outputs, about
 ``query_chunk x H x W x 4`` bytes (U^m of one chunk) + ``query_chunk x box area x 4`` (one resized
@@ -65,6 +69,9 @@ INFERENCE_MODES = ("image_o", "batch_o", "batch_c", "batch_oc")
 
 #: Foreground threshold on the fused mask probability U^m.
 MASK_THRESHOLD = 0.5
+
+#: ``compat`` values: our fusion, or the release's scores, order and empty masks.
+COMPAT_MODES = ("entityseg", "release")
 
 #: The network's masks are at stride 4 of the padded input.
 MASK_STRIDE = 4
@@ -135,6 +142,7 @@ def fuse_entities(
     max_entities: int = 100,
     overlapping: bool = False,
     query_chunk: int = 16,
+    compat: str = "entityseg",
 ) -> list[Entities]:
     """Entities of every image of a batch, in original image coordinates (one per image).
 
@@ -143,8 +151,10 @@ def fuse_entities(
     ``crop_boxes`` float[N, V, 4] (x0, y0, x1, y1) in original pixels, view 0 = whole image;
     ``image_sizes`` long[N, 2] (or [N, V, 2]) the valid (h, w) of the views in the network input;
     ``orig_sizes`` long[N, 2] (H, W). Outputs may be on any device; results are on the CPU.
+    ``compat="release"``: the release's scores and order (see the module docstring).
     """
     check_mode(mode)
+    check_compat(compat, overlapping)
     if max_entities < 0 or query_chunk < 1:
         raise ValueError(f"max_entities={max_entities} must be >= 0, query_chunk >= 1")
     prediction = _decoder_outputs(outputs, mode)
@@ -164,9 +174,18 @@ def fuse_entities(
             max_entities=max_entities,
             overlapping=overlapping,
             query_chunk=query_chunk,
+            compat=compat,
         )
         for n in range(num_images)
     ]
+
+
+def check_compat(compat: str, overlapping: bool = False) -> None:
+    """Raise ``ValueError`` for an unknown ``compat`` or one that cannot overlap."""
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"unknown compat {compat!r}; expected one of {COMPAT_MODES}")
+    if compat == "release" and overlapping:
+        raise ValueError("compat='release' has non-overlapping entities only (overlapping=false)")
 
 
 def fuse_image_entities(
@@ -178,6 +197,7 @@ def fuse_image_entities(
     max_entities: int = 100,
     overlapping: bool = False,
     query_chunk: int = 16,
+    compat: str = "entityseg",
 ) -> Entities:
     """Entities of one image from the views it uses.
 
@@ -197,12 +217,19 @@ def fuse_image_entities(
     chunks = _fused_chunks(
         view_masks, paint_order, pixel_boxes, valid_sizes, orig_size, coverage, query_chunk
     )
+    release = compat == "release"
     if overlapping:
         areas, prob_sums, rles = _overlapping_masks(chunks, num_queries, view_masks.device)
     else:
-        id_map, areas, prob_sums = _non_overlapping_masks(chunks, num_queries, orig_size)
-    scores = (entity_probs.double() * prob_sums / areas.clamp(min=1)).float()
-    kept = _top_entities(scores, areas, max_entities)  # long[K], descending score
+        id_map, areas, prob_sums = _non_overlapping_masks(
+            chunks, num_queries, orig_size, double_sigmoid=release
+        )
+    if release:  # every query, descending U^e (the reverse of the painting order)
+        scores = (entity_probs.double() * prob_sums / (areas + 1e-6)).float()
+        kept = paint_order.flip(0)
+    else:
+        scores = (entity_probs.double() * prob_sums / areas.clamp(min=1)).float()
+        kept = _top_entities(scores, areas, max_entities)  # long[K], descending score
     if not overlapping:
         rles = _encode_id_map(id_map, kept.tolist())
     return Entities(
@@ -374,12 +401,16 @@ def _fused_chunks(
 
 
 def _non_overlapping_masks(
-    chunks: Iterator[tuple[list[int], torch.Tensor]], num_queries: int, orig_size: tuple[int, int]
+    chunks: Iterator[tuple[list[int], torch.Tensor]],
+    num_queries: int,
+    orig_size: tuple[int, int],
+    double_sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paint queries in the chunks' (ascending score) order into an id map.
 
     Returns the int16 id map [H, W] (-1 = no entity), and per query the final area and the sum
-    of U^m over it (float64 [Q]).
+    of U^m (of ``sigmoid(U^m)`` with ``double_sigmoid``, as the release scores) over it (float64
+    [Q]).
     """
     id_map = winning_prob = None
     for queries, fused in chunks:
@@ -389,8 +420,9 @@ def _non_overlapping_masks(
         for query, probs in zip(queries, fused, strict=True):
             foreground = probs > MASK_THRESHOLD
             id_map.masked_fill_(foreground, query)
-            torch.where(foreground, probs, winning_prob, out=winning_prob)
-        del fused, probs  # free this chunk before the generator makes the next one
+            values = probs.sigmoid() if double_sigmoid else probs
+            torch.where(foreground, values, winning_prob, out=winning_prob)
+        del fused, probs, values  # free this chunk before the generator makes the next one
     areas, prob_sums = _sums_per_entity(id_map, winning_prob, num_queries)
     return id_map, areas, prob_sums
 

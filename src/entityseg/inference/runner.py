@@ -4,12 +4,18 @@ Shared by ``python -m entityseg.evaluate`` (all Table 7 modes, AP^e) and
 ``python -m entityseg.predict``. The forward time is measured per batch without data loading:
 ``image_o`` runs the image decoder on the full view only (what a single-scale Mask2Former
 costs), the ``batch_*`` modes run the whole network over all views (what CropFormer costs).
+
+``inference.precision`` (:data:`PRECISIONS`): ``fp32``, or ``bf16``: the network runs under
+``torch.autocast(dtype=torch.bfloat16)`` (:func:`inference_precision`, also used by the
+LightningModule's validation) and :func:`fuse_modes` casts its outputs back to float32, so the
+fusion is the same code in both.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +31,46 @@ class ModeResults:
 
     entities: dict[int, Entities] = field(default_factory=dict)  # image id -> entities
     forward_ms: list[float] = field(default_factory=list)
+
+
+#: Batches are zero-padded to a multiple of this (``collate_views``' size divisibility).
+PAD_MULTIPLE = 32
+
+#: ``inference.precision`` -> the autocast dtype of the network (None: no autocast, float32).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> None:
+    """Stop at once, in one line, on an ``inference.precision`` that is not fp32 or bf16."""
+    if precision not in PRECISIONS:
+        raise SystemExit(
+            f"config error: inference.precision={precision!r} is unknown; expected one of "
+            f"{list(PRECISIONS)}"
+        )
+
+
+@contextmanager
+def inference_precision(device: torch.device | str, precision: str = "fp32") -> Iterator[None]:
+    """Run the network in ``precision``: bf16 autocast on ``device``'s type, or float32.
+
+    ``fp32`` turns autocast off, so validation under ``trainer.precision=bf16-mixed`` is float32
+    too: inference runs in ``inference.precision``, whatever the training precision.
+    """
+    check_precision(precision)
+    dtype = PRECISIONS[precision]
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+        yield
+
+
+def float_outputs(outputs: dict) -> dict:
+    """The final ``logits`` and ``masks`` of both decoders in float32 (bf16 under autocast)."""
+
+    def as_float(prediction: dict | None) -> dict | None:
+        if prediction is None:
+            return None
+        return {k: v.float() if k in ("logits", "masks") else v for k, v in prediction.items()}
+
+    return {key: as_float(prediction) for key, prediction in outputs.items()}
 
 
 def timed_forward(net: nn.Module, images: torch.Tensor, batch_level: bool) -> tuple[dict, float]:
@@ -46,24 +92,47 @@ def fuse_modes(
     overlapping: bool = False,
     query_chunk: int = 16,
     views: int | None = None,
+    compat: str = "entityseg",
 ) -> dict[str, list[Entities]]:
     """Entities of every image of a collated batch, per mode, from one forward's outputs.
 
     ``views`` limits the batch's crop boxes to the first views, when the network saw only those.
+    Outputs of any float dtype are fused in float32. ``compat="release"`` reproduces the
+    release's scores and order (``inference.fusion``).
     """
+    outputs = float_outputs(outputs)
+    image_sizes = batch["image_sizes"]
+    if image_sizes.dim() == 3:  # a valid size per view
+        image_sizes = image_sizes[:, :views]
     return {
         mode: fuse_entities(
             outputs,
             batch["crop_boxes"][:, :views],
-            batch["image_sizes"],
+            image_sizes,
             batch["orig_sizes"],
             mode,
             max_entities=max_entities,
             overlapping=overlapping,
             query_chunk=query_chunk,
+            compat=compat,
         )
         for mode in modes
     }
+
+
+def _views_input(batch: dict, views: int | None) -> torch.Tensor:
+    """The network input of the first ``views`` views of a batch.
+
+    When the views differ in size (``image_sizes`` [N, V, 2]) and only the full view is used,
+    the padding that the larger crop views needed is cut off: the full view alone is padded to
+    a multiple of :data:`PAD_MULTIPLE` only, as the release's single-view inference is.
+    """
+    images = batch["images"][:, :views]
+    sizes = batch["image_sizes"]
+    if views == 1 and sizes.dim() == 3:
+        height, width = (-(-int(s) // PAD_MULTIPLE) * PAD_MULTIPLE for s in sizes[:, 0].amax(0))
+        images = images[..., :height, :width]
+    return images
 
 
 @torch.inference_mode()
@@ -77,8 +146,15 @@ def run_modes(
     query_chunk: int = 16,
     description: str = "inference",
     show_progress: bool = True,
+    precision: str = "fp32",
+    compat: str = "entityseg",
 ) -> dict[str, ModeResults]:
-    """Entities per mode for every image of ``batches`` (collated test batches)."""
+    """Entities per mode for every image of ``batches`` (collated test batches).
+
+    ``precision``: ``fp32`` or ``bf16`` (:func:`inference_precision`); ``compat``: see
+    :func:`fuse_modes`.
+    """
+    check_precision(precision)
     results = {mode: ModeResults() for mode in modes}
     passes = []  # (modes, views used, batch decoder)
     if "image_o" in modes:  # the single-scale baseline sees the full view only
@@ -87,10 +163,11 @@ def run_modes(
         passes.append((batch_modes, None, True))
     for batch in track(batches, description=description) if show_progress else batches:
         for pass_modes, views, batch_level in passes:
-            images = batch["images"][:, :views].to(device)
-            outputs, ms = timed_forward(net, images, batch_level)
+            images = _views_input(batch, views).to(device)
+            with inference_precision(device, precision):
+                outputs, ms = timed_forward(net, images, batch_level)
             fused_by_mode = fuse_modes(
-                outputs, batch, pass_modes, max_entities, overlapping, query_chunk, views
+                outputs, batch, pass_modes, max_entities, overlapping, query_chunk, views, compat
             )
             for mode, fused in fused_by_mode.items():
                 results[mode].forward_ms.extend([ms / len(fused)] * len(fused))

@@ -11,6 +11,9 @@ of target masks in the (distributed) batch, as the release does:
   normaliser = number of such entity-view pairs;
 - batch level: one problem per image over all views; each matched entity contributes one mask
   loss per view (its empty views included), normaliser = number of entities.
+
+Under ``trainer.precision=bf16-mixed`` the network's outputs are bf16: the criterion turns
+autocast off and reads the predictions in float32 (matching costs, point sampling, losses).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ class _SetLoss(nn.Module):
         Points are importance-sampled per mask by the prediction's uncertainty and read the
         target (4x the resolution) at the same normalised positions.
         """
-        pred_masks = pred_masks.unsqueeze(1)  # [K, 1, h, w]
+        pred_masks = pred_masks.float().unsqueeze(1)  # [K, 1, h, w], float32 under bf16
         points = uncertain_points(  # [K, P, 2]
             pred_masks.detach(),
             self.num_points,
@@ -225,6 +228,11 @@ class CropFormerCriterion(nn.Module):
         self.batch_level_weight = batch_level_weight
 
     def forward(self, outputs: dict, targets: list[list[dict]]) -> dict[str, Tensor]:
+        device_type = outputs["image"]["logits"].device.type
+        with torch.autocast(device_type, enabled=False):  # float32 losses under bf16-mixed
+            return self._losses(outputs, targets)
+
+    def _losses(self, outputs: dict, targets: list[list[dict]]) -> dict[str, Tensor]:
         losses = self.image_level(outputs["image"], targets)
         image_total = sum(losses.values())
         if outputs.get("batch") is None:

@@ -92,8 +92,8 @@ class HungarianMatcher(nn.Module):
             points = torch.rand(self.num_points, 2, device=masks.device)
         points = points[None]  # [1, P, 2]: one point set for every mask and view
         num_queries, num_targets = masks.shape[0], target_masks.shape[0]
-        pred = point_sample(masks.flatten(0, 1)[None], points)  # [1, Q*V, P]
-        pred = pred.reshape(num_queries, -1).float()  # [Q, V*P]
+        pred = point_sample(masks.flatten(0, 1)[None].float(), points)  # [1, Q*V, P]
+        pred = pred.reshape(num_queries, -1)  # [Q, V*P]
         target_masks = target_masks.to(masks.device)
         target = torch.cat(  # [M, V*P], one view at a time to bound the float copy
             [point_sample(view[None].float(), points)[0] for view in target_masks.unbind(1)],

@@ -32,6 +32,8 @@ from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
+from entityseg.models import hornet  # noqa: F401  (registers hornet_*_gf with timm)
+
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 _LISTED_KEYS = 20  # keys shown per kind in a checkpoint mismatch error
 
@@ -76,6 +78,7 @@ class TimmBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
         out_norm: bool = False,
+        out_norm_eps: float = 1e-5,
         **timm_kwargs,
     ) -> None:
         super().__init__()
@@ -119,7 +122,10 @@ class TimmBackbone(nn.Module):
         # Swin & co. return [B, H, W, C]; timm records that on the features net.
         self.channels_last = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
         self.out_norms = nn.ModuleDict(
-            {f: nn.LayerNorm(c) if out_norm else nn.Identity() for f, c in self.channels.items()}
+            {
+                f: nn.LayerNorm(c, eps=out_norm_eps) if out_norm else nn.Identity()
+                for f, c in self.channels.items()
+            }
         )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

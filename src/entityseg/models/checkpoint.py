@@ -1,26 +1,94 @@
-"""Load network weights from a training checkpoint or a plain state dict."""
+"""Network weights and configuration from a checkpoint.
+
+A training checkpoint (and one converted from the release, ``entityseg.convert_release``) holds
+the network's weights under ``state_dict`` (``net.<name>``) and its ``CropFormer`` arguments
+under :data:`NET_CONFIG_KEY`, so :func:`build_network` rebuilds the right network from the file
+alone; older files or plain state dicts fall back to the ``model.net`` config.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 #: Attribute under which the LightningModule holds the network: its keys are ``net.<name>``.
 LIGHTNING_PREFIX = "net."
+#: Checkpoint key of the network's configuration (``CropFormer`` arguments).
+NET_CONFIG_KEY = "entityseg_net"
+#: Checkpoint key of the release's test-time view settings (converted checkpoints only).
+TEST_VIEWS_KEY = "entityseg_release_test_views"
 
 
-def load_weights(net: nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``net`` strictly, with one clear error for a wrong file.
-
-    Accepts a Lightning checkpoint (``{"state_dict": {"net.<name>": ...}}``), ``{"model": sd}``,
-    ``{"state_dict": sd}`` or a bare state dict of the network.
-    """
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at ``path`` as a dict (a bare state dict comes back as it is)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a checkpoint (a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def stored_net_config(checkpoint: Mapping) -> dict | None:
+    """The network configuration saved in a checkpoint, weights-loading settings cleared."""
+    config = checkpoint.get(NET_CONFIG_KEY)
+    if config is None:
+        return None
+    config = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    # the weights come from the checkpoint: never download or read backbone weights again
+    config["backbone"].update(pretrained=False, checkpoint_path=None)
+    return config
+
+
+def build_network(
+    path: str | Path,
+    fallback: Callable[[], nn.Module] | None = None,
+    checkpoint: dict | None = None,
+) -> nn.Module:
+    """The network of checkpoint ``path`` with its weights.
+
+    Built from the configuration stored in the checkpoint when there is one, else by
+    ``fallback`` (e.g. instantiating the ``model.net`` config). ``checkpoint``: the file's
+    content when already read.
+    """
+    from entityseg.models.cropformer import CropFormer
+
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    stored = stored_net_config(checkpoint)
+    if stored is not None:
+        log.info("network built from the configuration stored in %s", path)
+        net = CropFormer(**stored)
+    elif fallback is None:
+        raise ValueError(f"{path}: stores no network configuration")
+    else:
+        net = fallback()
+    load_weights(net, path, checkpoint)
+    return net
+
+
+def load_weights(
+    net: nn.Module,
+    path: str | Path,
+    checkpoint: dict | None = None,
+    allow_fresh_parts: bool = False,
+) -> list[str]:
+    """Load ``path`` into ``net`` strictly, with one clear error for a wrong file.
+
+    Accepts a Lightning checkpoint (``{"state_dict": {"net.<name>": ...}}``), ``{"model": sd}``,
+    ``{"state_dict": sd}`` or a bare state dict of the network. With ``allow_fresh_parts``
+    (fine-tuning), whole parts of the network that the file has no tensor of (e.g. the
+    association module, from a Mask2Former checkpoint) keep their initialisation; their names
+    are returned. Every tensor of a part the file does have must be there, with its shape.
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     state = checkpoint
     if isinstance(checkpoint, dict):
         state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
@@ -33,8 +101,11 @@ def load_weights(net: nn.Module, path: str | Path) -> None:
             if k.startswith(LIGHTNING_PREFIX)
         }
     expected = net.state_dict()
+    fresh = sorted(
+        {_part(k) for k in expected} - {_part(k) for k in state} if allow_fresh_parts else set()
+    )
     problems = [
-        *(f"missing {k}" for k in expected if k not in state),
+        *(f"missing {k}" for k in expected if k not in state and _part(k) not in fresh),
         *(f"unexpected {k}" for k in state if k not in expected),
         *(
             f"{k} is {list(state[k].shape)}, expected {list(v.shape)}"
@@ -47,4 +118,38 @@ def load_weights(net: nn.Module, path: str | Path) -> None:
             f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
         )
         raise ValueError(f"{path}: does not fit this network: {shown}")
-    net.load_state_dict(state)
+    net.load_state_dict(state, strict=not fresh)
+    return fresh
+
+
+def _part(name: str) -> str:
+    """The part of the network a tensor belongs to: ``image_decoder``, ``backbone.body``, ..."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "backbone" else parts[0]
+
+
+#: Settings that change how a network trains or runs, not its weights: fine-tuning takes them
+#: from the training config rather than from the checkpoint it starts from.
+_TRAINING_SETTINGS = {
+    "backbone": ("drop_path_rate",),
+    "pixel_decoder": ("dropout", "deform_attn_impl"),
+    "decoder": ("dropout",),
+    "association": ("enabled", "share_decoder", "xatt", "satt", "ffn"),
+}
+
+
+def fine_tuning_net_config(configured: Mapping, stored: Mapping) -> dict:
+    """The network to fine-tune: the checkpoint's architecture, the config's training settings.
+
+    ``configured``: the ``model.net`` config (resolved); ``stored``: the checkpoint's network
+    configuration. A checkpoint without an association module (Mask2Former) leaves the
+    configured one, which then starts fresh, as the release starts CropFormer from Mask2Former
+    weights.
+    """
+    net = dict(configured)
+    for part, settings in _TRAINING_SETTINGS.items():
+        if part == "association" and not stored[part].get("enabled", True):
+            continue  # nothing to take: the configured association starts fresh
+        own = {k: configured[part][k] for k in settings if k in configured.get(part, {})}
+        net[part] = {**stored[part], **own}
+    return net

@@ -44,6 +44,13 @@ class CropFormer(nn.Module):
         association: Mapping,
     ) -> None:
         super().__init__()
+        # saved in checkpoints (models.checkpoint.NET_CONFIG_KEY): rebuilds this network
+        self.config = {
+            "backbone": dict(backbone),
+            "pixel_decoder": dict(pixel_decoder),
+            "decoder": dict(decoder),
+            "association": dict(association),
+        }
         self.backbone = TimmBackbone(**backbone)
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             in_channels=self.backbone.channels, in_strides=self.backbone.strides, **pixel_decoder
@@ -66,6 +73,17 @@ class CropFormer(nn.Module):
     @property
     def has_batch_decoder(self) -> bool:
         return self.association is not None
+
+    def compile_parts(self, **options) -> None:
+        """``torch.compile`` the backbone and the pixel decoder in place (``model.compile``).
+
+        ``nn.Module.compile`` keeps the modules and their parameter names, so the state dict
+        and checkpoints are the same as eager ones (``torch.compile(module)`` would prefix
+        ``_orig_mod.``). ``options`` go to ``torch.compile`` (e.g. ``backend="aot_eager"``).
+        The image and batch decoders and the association module stay eager.
+        """
+        self.backbone.compile(**options)
+        self.pixel_decoder.compile(**options)
 
     def forward(self, images: torch.Tensor, batch_level: bool = True) -> dict:
         """``images [N, V, 3, H, W]`` -> ``{"image": outputs, "batch": outputs or None}``.

@@ -7,12 +7,15 @@ values are summed with softmax weights learned from the query. This keeps the en
 the number of tokens, which is what makes attention over strides 8/16/32 affordable.
 
 :func:`ms_deform_attn` is the pure-PyTorch reference of the sampling-and-weighting core (the
-operation a fused kernel implements); :class:`MSDeformAttn` adds the learned projections.
+operation a fused kernel implements, :mod:`entityseg.models.ops.ms_deform_attn_triton` on CUDA);
+:class:`MSDeformAttn` adds the learned projections and picks the implementation.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +90,20 @@ def initial_offset_grid(num_heads: int, num_levels: int, num_points: int) -> Ten
     return grid.expand(num_heads, num_levels, num_points, 2).contiguous()
 
 
+#: Implementations of the sampling core that :class:`MSDeformAttn` can use.
+IMPLS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def triton_op() -> Callable | None:
+    """The fused Triton op, or None where Triton does not import (imported on first use)."""
+    try:
+        from entityseg.models.ops.ms_deform_attn_triton import ms_deform_attn_triton
+    except ImportError:
+        return None
+    return ms_deform_attn_triton
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention with learned offsets, weights and projections.
 
@@ -95,14 +112,25 @@ class MSDeformAttn(nn.Module):
         num_levels: number of feature levels ``L`` in the value input.
         num_heads: attention heads ``M``.
         num_points: sampled points ``K`` per head and level.
+        impl: the sampling core: ``"torch"`` the reference :func:`ms_deform_attn`, ``"triton"``
+            the fused kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` the kernel
+            for CUDA tensors when Triton imports, else the reference.
     """
 
     def __init__(
-        self, dim: int = 256, num_levels: int = 3, num_heads: int = 8, num_points: int = 4
+        self,
+        dim: int = 256,
+        num_levels: int = 3,
+        num_heads: int = 8,
+        num_points: int = 4,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown deformable-attention impl {impl!r}; expected one of {IMPLS}")
+        self.impl = impl
         self.dim = dim
         self.num_levels = num_levels
         self.num_heads = num_heads
@@ -148,7 +176,6 @@ class MSDeformAttn(nn.Module):
         Returns:
             ``[B, Lq, dim]``.
         """
-        del level_start_index  # implied by spatial_shapes for the reference op
         batch, num_queries, _ = query.shape
         num_tokens = value_input.shape[1]
         if reference_points.shape[-1] != 2:
@@ -174,5 +201,16 @@ class MSDeformAttn(nn.Module):
             reference_points[:, :, None, :, None, :]
             + offsets / level_size_xy[None, None, None, :, None, :]
         )  # [B, Lq, heads, L, P, 2]
-        output = ms_deform_attn(value, spatial_shapes, locations, weights)
-        return self.output_proj(output)
+        if self._use_triton(value):
+            op = triton_op()
+            if op is None:
+                raise ImportError("impl='triton' needs the triton package, which does not import")
+            output = op(value, spatial_shapes, level_start_index, locations, weights)
+        else:  # level_start_index is implied by spatial_shapes for the reference op
+            output = ms_deform_attn(value, spatial_shapes, locations, weights)
+        return self.output_proj(output)  # [B, Lq, dim]
+
+    def _use_triton(self, value: Tensor) -> bool:
+        if self.impl == "auto":
+            return value.is_cuda and triton_op() is not None
+        return self.impl == "triton"

@@ -98,9 +98,10 @@ class DeformableEncoderLayer(nn.Module):
         num_levels: int,
         num_heads: int,
         num_points: int,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points, impl=impl)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
@@ -159,10 +160,11 @@ class DeformableEncoder(nn.Module):
         num_levels: int,
         num_heads: int,
         num_points: int,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(dim, ffn_dim, dropout, num_levels, num_heads, num_points)
+            DeformableEncoderLayer(dim, ffn_dim, dropout, num_levels, num_heads, num_points, impl)
             for _ in range(num_layers)
         )
 
@@ -191,6 +193,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_layers, num_heads, num_points, ffn_dim, dropout: encoder hyper-parameters.
         norm: ``"GN"`` or ``""`` for the FPN convs (the input projections always use GN).
         common_stride: stride of ``mask_features``.
+        deform_attn_impl: ``"auto"``, ``"torch"`` or ``"triton"``: the encoder's deformable
+            attention core (see :class:`~entityseg.models.ms_deform_attn.MSDeformAttn`).
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         dropout: float = 0.0,
         norm: str = "GN",
         common_stride: int = 4,
+        deform_attn_impl: str = "auto",
     ) -> None:
         super().__init__()
         missing = set(transformer_in_features) - set(in_channels)
@@ -234,7 +239,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(num_levels, conv_dim))
         nn.init.normal_(self.level_embed)
         self.encoder = DeformableEncoder(
-            num_layers, conv_dim, ffn_dim, dropout, num_levels, num_heads, num_points
+            num_layers,
+            conv_dim,
+            ffn_dim,
+            dropout,
+            num_levels,
+            num_heads,
+            num_points,
+            deform_attn_impl,
         )
         self.pos_feats = conv_dim // 2
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The project's checks that need a CUDA GPU, in one call. The lent device machine has PyTorch,
+# Triton, timm and transformers but not our other dependencies: they travel as wheels in .whl/
+# (README, "GPU checks"). Logs and benchmark JSON go to $OUT (default ./gpu_out).
+set -o pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:src
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+# CUDA-only tests: the fused deformable attention against the reference, fusion on CUDA
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/models/test_ms_deform_attn_triton.py \
+  tests/inference/test_fusion.py -k "cuda or triton" 2>&1 | tail -4 | tee "$OUT/tests.log"
+
+# Swin-L at the release's test size: every mode, HF Mask2Former beside image_o, a training step
+bench() {
+  local limit=$1 name=$2
+  timeout "$limit" python3 scripts/benchmark.py --backbone swin_large --height 800 --width 1216 \
+    --device cuda --threads 16 --json "$OUT/$name.json" "${@:3}" 2>&1 | tail -14 \
+    | tee "$OUT/$name.log"
+}
+bench 150 bf16 --precision bf16 --runs 10 --warmup 3 --tasks forward end_to_end train_step \
+  --train-batch 1
+bench 90 fp32 --precision fp32 --runs 5 --warmup 2 --tasks forward --views 1 5
+bench 240 bf16_compiled --precision bf16 --runs 10 --warmup 3 --tasks forward --views 1 5 \
+  --no-hf --overrides model.compile=true

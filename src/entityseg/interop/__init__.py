@@ -1,0 +1,1 @@
+"""Interoperability with other codebases: the released CropFormer checkpoints."""

@@ -1,0 +1,258 @@
+"""bf16 inference and training, and the compiled backbone + pixel decoder, on the CPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import REPO
+from entityseg.data.datamodule import EntityDataModule
+from entityseg.data.synthetic import generate_dataset
+from entityseg.inference.runner import (
+    check_precision,
+    fuse_modes,
+    inference_precision,
+    run_modes,
+)
+from entityseg.losses.criterion import CropFormerCriterion
+from entityseg.models.checkpoint import load_weights
+from entityseg.models.cropformer import CropFormer
+from entityseg.train import train
+from test_train import config as train_config
+
+TINY = dict(
+    backbone=dict(name="resnet10t", pretrained=False),
+    pixel_decoder=dict(
+        conv_dim=32, mask_dim=32, num_layers=1, num_heads=2, num_points=2, ffn_dim=64
+    ),
+    decoder=dict(hidden_dim=32, num_queries=16, num_heads=2, ffn_dim=64, num_layers=3),
+    association=dict(enabled=True, share_decoder=True, num_heads=2, ffn_dim=64),
+)
+MODES = ["image_o", "batch_oc"]
+TRAIN_STEPS = 100
+
+
+def tiny_net() -> CropFormer:
+    torch.manual_seed(0)
+    return CropFormer(**TINY)
+
+
+@pytest.fixture(scope="module")
+def datamodule(tmp_path_factory):
+    """Four scenes of about ten entities each, at network sizes of about 100 x 130."""
+    root = tmp_path_factory.mktemp("precision")
+    generate_dataset(root, num_images=4, seed=5, height=192, width=256, num_objects=3, num_small=4)
+    dm = EntityDataModule(
+        train_json=str(root / "annotations.json"),
+        train_images=str(root / "images"),
+        val_json=str(root / "annotations.json"),
+        val_images=str(root / "images"),
+        batch_size=2,
+        num_workers=0,
+        size_scale=0.1,
+        flip_prob=0.0,
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def trained(datamodule):
+    """A tiny CropFormer after ``TRAIN_STEPS`` steps on the four scenes (about 10 s), learning
+    rate decayed to 0: masks that are not trivial (an untrained net's mask logits sit near 0,
+    where any rounding flips a pixel).
+
+    One thread: the same weights whatever the machine's thread count (the summation order
+    changes with it, and 100 steps amplify that), and much faster on a shared 2-core machine.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)  # the training crops
+        net = tiny_net()
+        criterion = CropFormerCriterion(num_points=256)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / TRAIN_STEPS)
+        losses = []
+        while len(losses) < TRAIN_STEPS:
+            for batch in datamodule.train_dataloader():
+                loss = criterion(net(batch["images"]), batch["targets"])["loss"]
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                if len(losses) == TRAIN_STEPS:
+                    break
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses  # it learned something
+    return net.eval()
+
+
+def mask_ious(fp32, bf16) -> list[float]:
+    """IoU of the entity of each query index in either result (0 where one lacks it)."""
+    ious = []
+    for image_id, reference in fp32.entities.items():
+        other = bf16.entities[image_id]
+        masks_a = dict(zip(reference.query_indices.tolist(), reference.masks(), strict=True))
+        masks_b = dict(zip(other.query_indices.tolist(), other.masks(), strict=True))
+        for query in masks_a.keys() | masks_b.keys():
+            if query not in masks_a or query not in masks_b:
+                ious.append(0.0)
+                continue
+            a, b = masks_a[query], masks_b[query]
+            ious.append(((a & b).sum() / (a | b).sum()).item())
+    return ious
+
+
+def test_bf16_predictions_keep_the_fp32_masks(trained, datamodule):
+    """Each query's fused mask (``overlapping=True``) with bf16 against fp32.
+
+    Without ``overlapping`` a query's final mask also depends on the painting order, which
+    near-tied entity scores decide; bf16 moves scores by up to ~0.04, so on this tiny model
+    whole regions change owner (per-query mean IoU 0.75-0.99 over seeds) while each query's own
+    mask stays put.
+    """
+    batches = list(datamodule.test_dataloader())
+    results = {
+        precision: run_modes(
+            trained,
+            batches,
+            MODES,
+            torch.device("cpu"),
+            overlapping=True,
+            show_progress=False,
+            precision=precision,
+        )
+        for precision in ("fp32", "bf16")
+    }
+    for mode in MODES:
+        ious = mask_ious(results["fp32"][mode], results["bf16"][mode])
+        mean = sum(ious) / len(ious)
+        print(f"{mode}: bf16 vs fp32 mean mask IoU {mean:.4f} over {len(ious)} entities")
+        assert len(ious) >= 8 and mean >= 0.95, (mode, ious)
+
+
+def test_bf16_runs_the_network_in_bf16_and_fuses_in_float32(trained, datamodule):
+    batch = next(iter(datamodule.test_dataloader()))
+    with torch.no_grad(), inference_precision("cpu", "bf16"):
+        outputs = trained(batch["images"])
+    assert outputs["batch"]["masks"].dtype == torch.bfloat16
+    fused = fuse_modes(outputs, batch, MODES)  # casts to float32 before fusing
+    assert all(len(entities) > 0 for entities in fused["batch_oc"])
+    outer = torch.autocast("cpu", dtype=torch.bfloat16)  # as under trainer.precision=bf16-mixed
+    with torch.no_grad(), outer, inference_precision("cpu", "fp32"):  # fp32 turns it off
+        outputs = trained(batch["images"])
+    assert outputs["batch"]["masks"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_backbone_and_pixel_decoder_equal_eager(backend):
+    """``aot_eager`` traces and runs the same graphs as inductor but skips its C++ build
+    (about 40 s cold on our 2 cores), so the fast test uses it; inductor is the slow one."""
+    torch._dynamo.reset()
+    net = tiny_net().eval()
+    images = torch.randn(1, 3, 3, 64, 96)
+    with torch.no_grad():
+        eager = net(images)
+        net.compile_parts(backend=backend)
+        compiled = net(images)
+    for key in ("image", "batch"):
+        for name in ("logits", "masks"):
+            torch.testing.assert_close(compiled[key][name], eager[key][name], atol=1e-4, rtol=1e-4)
+
+
+def test_compile_keeps_state_dict_keys_and_checkpoints_load(tmp_path):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo"])
+        compiled_cfg = compose("train", overrides=["experiment=demo", "model.compile=true"])
+    assert cfg.model.compile is False
+    eager = instantiate(cfg.model)
+    compiled = instantiate(compiled_cfg.model)
+    assert compiled.hparams.compile is True
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert not any("_orig_mod" in k for k in compiled.state_dict())
+    path = tmp_path / "eager.ckpt"  # a Lightning-style checkpoint of the eager module
+    torch.save({"state_dict": eager.state_dict()}, path)
+    load_weights(compiled.net, path)  # strict: the same names and shapes
+    compiled.load_state_dict(eager.state_dict())
+
+
+def test_a_bad_precision_is_one_clear_line(tmp_path):
+    message = "config error: inference.precision='fp16' is unknown; expected one of"
+    with pytest.raises(SystemExit, match=message):
+        check_precision("fp16")
+    with pytest.raises(SystemExit, match=message), inference_precision("cpu", "fp16"):
+        pass
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "inference.precision=fp16"])
+    with pytest.raises(SystemExit, match=message):
+        instantiate(cfg.model)
+    result = subprocess.run(  # evaluate stops before it reads data or weights
+        [
+            sys.executable,
+            "-m",
+            "entityseg.evaluate",
+            "experiment=demo",
+            "ckpt_path=nope.ckpt",
+            "inference.precision=fp16",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_bf16_mixed_training_on_the_cpu(tmp_path, monkeypatch):
+    seen = []  # (network output dtype, loss dtype) of every training step
+    criterion_forward = CropFormerCriterion.forward
+
+    def recording_forward(self, outputs, targets):
+        losses = criterion_forward(self, outputs, targets)
+        seen.append((outputs["batch"]["masks"].dtype, losses["loss"].dtype))
+        return losses
+
+    monkeypatch.setattr(CropFormerCriterion, "forward", recording_forward)
+    metrics, _ = train(
+        train_config(
+            tmp_path,
+            "+trainer.fast_dev_run=2",
+            "trainer.precision=bf16-mixed",
+            "inference.precision=bf16",
+            "test=false",
+        )
+    )
+    assert seen == [(torch.bfloat16, torch.float32)] * 2
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert "val/ap_batch_oc" in metrics
+
+
+def test_criterion_computes_float32_losses_from_bf16_outputs(datamodule):
+    batch = next(iter(datamodule.train_dataloader()))
+    criterion = CropFormerCriterion(num_points=256)
+    with torch.no_grad():
+        outputs = tiny_net().train()(batch["images"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = {
+            key: {
+                "logits": out["logits"].bfloat16(),
+                "masks": out["masks"].bfloat16(),
+                "aux": [{k: v.bfloat16() for k, v in a.items()} for a in out["aux"]],
+            }
+            for key, out in outputs.items()
+        }
+        torch.manual_seed(0)
+        losses = criterion(half, batch["targets"])
+    torch.manual_seed(0)
+    reference = criterion(outputs, batch["targets"])
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    torch.testing.assert_close(losses["loss"], reference["loss"], rtol=0.02, atol=0.02)
