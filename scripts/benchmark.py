@@ -357,6 +357,7 @@ class Bench:
     def inference_groups(self, task: str) -> Iterator[list[Case]]:
         h, w = self.args.height, self.args.width
         settings = self.cfg.inference
+        view_chunk = settings.get("view_chunk")  # as evaluate and predict run the network
         for views in self.args.views:
             mode = MODE_OF_VIEWS[views]
             images = random_views(views, h, w, self.device)
@@ -365,7 +366,7 @@ class Bench:
 
             def forward(images=images, batch_level=views > 1):
                 with torch.inference_mode(), self.autocast():
-                    return self.net(images, batch_level=batch_level)
+                    return self.net(images, batch_level=batch_level, view_chunk=view_chunk)
 
             def end_to_end(forward=forward, boxes=boxes, sizes=sizes, mode=mode):
                 outputs = forward()
@@ -499,6 +500,7 @@ class Bench:
                     settings.overlapping,
                     settings.query_chunk,
                     show_progress=False,
+                    view_chunk=settings.get("view_chunk"),
                 )["batch_oc"]
             return to_coco_results(result.entities[1], 1)
 

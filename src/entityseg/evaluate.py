@@ -145,6 +145,7 @@ def main(cfg: DictConfig) -> float:
         description="evaluating",
         precision=cfg.inference.precision,
         compat=cfg.inference.compat,
+        view_chunk=cfg.inference.view_chunk,
     )
     out_dir = Path(cfg.paths.output_dir)
     rows = table_rows(results, gt_json, out_dir)

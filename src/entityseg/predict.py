@@ -111,6 +111,7 @@ def main(cfg: DictConfig) -> None:
             show_progress=False,
             precision=cfg.inference.precision,
             compat=cfg.inference.compat,
+            view_chunk=cfg.inference.view_chunk,
         )[mode]
         entities = result.entities[image_id]
         write_pictures(image, entities, sample["crop_boxes"].tolist(), out_dir, path.stem)

@@ -307,3 +307,44 @@ def test_fine_tuning_from_mask2former_starts_the_association_fresh(converted, tm
     assert all(torch.equal(trained[k], v) for k, v in loaded.items())
     fresh = set(trained) - set(loaded)
     assert fresh and all(k.startswith("net.association.") for k in fresh)
+
+
+def test_evaluate_with_release_compat_gives_the_release_entities(converted, coco_sample, tmp_path):
+    """``evaluate inference.compat=release`` on the two photos scores the release's entities."""
+    from entityseg.data.coco_entity import panoptic_to_entity_json
+
+    path, folder = converted["cropformer_tiny"]
+    gt = panoptic_to_entity_json(
+        coco_sample / "panoptic.json", coco_sample / "panoptic", tmp_path / "entity.json"
+    )
+    images = coco_sample / "images"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "entityseg.evaluate",
+            f"ckpt_path={path}",
+            "data=coco_entity",
+            *(f"data.{split}_json={gt}" for split in ("train", "val")),
+            *(f"data.{split}_images={images}" for split in ("train", "val")),
+            "data.num_workers=0",
+            "inference.compat=release",
+            "inference.modes=[batch_oc]",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "run/table7.json").read_text())
+    assert row["mode"] == "batch_oc" and 0 <= row["AP"] <= 100
+    predictions = json.loads((tmp_path / "run" / row["predictions"]).read_text())
+    file_ids = {i["file_name"]: i["id"] for i in json.loads(gt.read_text())["images"]}
+    for record in json.loads((folder / "entities.json").read_text()):
+        ours = [p for p in predictions if p["image_id"] == file_ids[record["file_name"]]]
+        assert [p["segmentation"]["counts"] for p in ours] == [
+            s["counts"] for s in record["segmentations"]
+        ]
+        assert [p["score"] for p in ours] == pytest.approx(record["scores"], abs=1e-4)

@@ -145,3 +145,18 @@ def test_release_sized_model_from_config(backbone):
             assert out[key]["logits"].shape == (1, views, 100, 2)
             assert out[key]["masks"].shape == (1, views, 100, 16, 24)
             assert len(out[key]["aux"]) == 9
+
+
+def test_view_chunks_give_the_same_outputs():
+    """``view_chunk``: backbone + pixel decoder a few views at a time, same predictions."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    images = torch.randn(2, 3, 3, 64, 96)
+    with torch.no_grad():
+        whole = model(images)
+        chunked = model(images, view_chunk=2)
+    for key in ("image", "batch"):
+        for name in ("logits", "masks"):
+            torch.testing.assert_close(chunked[key][name], whole[key][name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="view_chunk=0"):
+        model(images, view_chunk=0)

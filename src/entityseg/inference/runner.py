@@ -73,12 +73,14 @@ def float_outputs(outputs: dict) -> dict:
     return {key: as_float(prediction) for key, prediction in outputs.items()}
 
 
-def timed_forward(net: nn.Module, images: torch.Tensor, batch_level: bool) -> tuple[dict, float]:
+def timed_forward(
+    net: nn.Module, images: torch.Tensor, batch_level: bool, view_chunk: int | None = None
+) -> tuple[dict, float]:
     """``net(images)`` and its wall time in ms (synchronised on CUDA)."""
     if images.device.type == "cuda":
         torch.cuda.synchronize(images.device)
     start = time.perf_counter()
-    outputs = net(images, batch_level=batch_level)
+    outputs = net(images, batch_level=batch_level, view_chunk=view_chunk)
     if images.device.type == "cuda":
         torch.cuda.synchronize(images.device)
     return outputs, (time.perf_counter() - start) * 1000
@@ -148,11 +150,12 @@ def run_modes(
     show_progress: bool = True,
     precision: str = "fp32",
     compat: str = "entityseg",
+    view_chunk: int | None = None,
 ) -> dict[str, ModeResults]:
     """Entities per mode for every image of ``batches`` (collated test batches).
 
     ``precision``: ``fp32`` or ``bf16`` (:func:`inference_precision`); ``compat``: see
-    :func:`fuse_modes`.
+    :func:`fuse_modes`; ``view_chunk``: views through the backbone at once (``CropFormer``).
     """
     check_precision(precision)
     results = {mode: ModeResults() for mode in modes}
@@ -165,7 +168,7 @@ def run_modes(
         for pass_modes, views, batch_level in passes:
             images = _views_input(batch, views).to(device)
             with inference_precision(device, precision):
-                outputs, ms = timed_forward(net, images, batch_level)
+                outputs, ms = timed_forward(net, images, batch_level, view_chunk)
             fused_by_mode = fuse_modes(
                 outputs, batch, pass_modes, max_entities, overlapping, query_chunk, views, compat
             )

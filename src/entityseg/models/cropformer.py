@@ -85,16 +85,22 @@ class CropFormer(nn.Module):
         self.backbone.compile(**options)
         self.pixel_decoder.compile(**options)
 
-    def forward(self, images: torch.Tensor, batch_level: bool = True) -> dict:
+    def forward(
+        self, images: torch.Tensor, batch_level: bool = True, view_chunk: int | None = None
+    ) -> dict:
         """``images [N, V, 3, H, W]`` -> ``{"image": outputs, "batch": outputs or None}``.
+
+        ``view_chunk``: run the backbone and the pixel decoder on this many of the N x V views
+        at a time (each view is independent there), so that their activations, which dominate
+        the peak memory of inference on many large views, exist for a few views only. The
+        result is the same (to float rounding); None runs all views at once.
 
         Each outputs dict has ``logits [N, V, Q, 2]``, ``masks [N, V, Q, H/4, W/4]`` (the final
         prediction) and ``aux``: the earlier predictions (deep supervision), oldest first. The
         batch decoder's logits are one score per query, repeated for every view.
         """
         n, v = images.shape[:2]
-        features = self.backbone(images.flatten(0, 1))
-        mask_features, multi_scale = self.pixel_decoder(features)
+        mask_features, multi_scale = self._pixel_features(images.flatten(0, 1), view_chunk)
         image_predictions, view_queries = self.image_decoder(multi_scale, mask_features)
         outputs = {"image": _as_outputs(image_predictions, n, v), "batch": None}
         if batch_level and self.has_batch_decoder:
@@ -106,6 +112,19 @@ class CropFormer(nn.Module):
             batch_predictions = decode_batch(decoder, batch_queries, multi_scale, mask_features, v)
             outputs["batch"] = _as_outputs(batch_predictions, n, v, batch_level=True)
         return outputs
+
+    def _pixel_features(
+        self, views: torch.Tensor, view_chunk: int | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Backbone + pixel decoder of ``views [B, 3, H, W]``, ``view_chunk`` views at a time."""
+        if view_chunk is None or views.shape[0] <= view_chunk:
+            return self.pixel_decoder(self.backbone(views))
+        if view_chunk < 1:
+            raise ValueError(f"view_chunk={view_chunk} must be >= 1 (or None)")
+        parts = [self.pixel_decoder(self.backbone(chunk)) for chunk in views.split(view_chunk)]
+        mask_features = torch.cat([mask for mask, _ in parts])
+        levels = [torch.cat(level) for level in zip(*(memory for _, memory in parts), strict=True)]
+        return mask_features, levels
 
 
 def _as_outputs(

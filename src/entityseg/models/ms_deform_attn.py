@@ -50,7 +50,11 @@ def ms_deform_attn(
 
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2.0 * sampling_locations - 1.0  # grid_sample's [-1, 1] with align_corners=False
-    sampled_per_level = []
+    # [B, Lq, heads, L, P] -> [B*heads, 1, Lq, L, P]
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch * num_heads, 1, num_queries, num_levels, num_points
+    )
+    output = None
     for level, (height, width) in enumerate(shapes):
         # [B, H*W, heads, C] -> [B*heads, C, H, W]
         value_map = (
@@ -60,17 +64,12 @@ def ms_deform_attn(
         )
         # [B, Lq, heads, P, 2] -> [B*heads, Lq, P, 2]
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled_per_level.append(
-            F.grid_sample(
-                value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-            )
+        sampled = F.grid_sample(
+            value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )  # [B*heads, C, Lq, P]
-    sampled = torch.stack(sampled_per_level, dim=-2).flatten(-2)  # [B*heads, C, Lq, L*P]
-    # [B, Lq, heads, L, P] -> [B*heads, 1, Lq, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(
-        batch * num_heads, 1, num_queries, num_levels * num_points
-    )
-    output = (sampled * weights).sum(-1)  # [B*heads, C, Lq]
+        # weighted sum over the level's points, accumulated level by level: no [.., L*P] stack
+        level_sum = (sampled * weights[..., level, :]).sum(-1)  # [B*heads, C, Lq]
+        output = level_sum if output is None else output.add_(level_sum)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
