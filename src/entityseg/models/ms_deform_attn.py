@@ -68,7 +68,7 @@ def ms_deform_attn(
             value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )  # [B*heads, C, Lq, P]
         # weighted sum over the level's points, accumulated level by level: no [.., L*P] stack
-        level_sum = (sampled * weights[..., level, :]).sum(-1)  # [B*heads, C, Lq]
+        level_sum = torch.linalg.vecdot(sampled, weights[..., level, :])  # [B*heads, C, Lq]
         output = level_sum if output is None else output.add_(level_sum)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
