@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+#: A CropFormer small enough for CPU tests: resnet10t, 32-wide decoders, 2 heads.
+TINY_NET = dict(
+    backbone=dict(name="resnet10t", pretrained=False),
+    pixel_decoder=dict(
+        conv_dim=32, mask_dim=32, num_layers=1, num_heads=2, num_points=2, ffn_dim=64
+    ),
+    decoder=dict(hidden_dim=32, num_queries=8, num_heads=2, ffn_dim=64, num_layers=3),
+    association=dict(enabled=True, share_decoder=True, num_heads=2, ffn_dim=64),
+)
+
+
+def tiny_model(num_queries: int = 8, **association):
+    """The :data:`TINY_NET` CropFormer, seeded with 0; ``association`` overrides its switches."""
+    from entityseg.models.cropformer import CropFormer
+
+    config = copy.deepcopy(TINY_NET)
+    config["decoder"]["num_queries"] = num_queries
+    config["association"].update(association)
+    torch.manual_seed(0)
+    return CropFormer(**config)
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +63,42 @@ def coco_sample(shared_data, tmp_path) -> Path:
     return dst
 
 
-def collected_table(multirun: Path) -> list[str]:
-    """Run ``scripts/collect_tables.py`` on a multirun folder: the lines of its table.md."""
-    result = subprocess.run(
-        [sys.executable, "scripts/collect_tables.py", str(multirun)],
+def make_datamodule(root: Path, **kwargs):
+    """An ``EntityDataModule`` on ``root/annotations.json`` + ``root/images`` for train and val
+    (no workers, network sizes x 0.25 unless ``kwargs`` say otherwise)."""
+    from entityseg.data.datamodule import EntityDataModule
+
+    args = dict(
+        train_json=str(root / "annotations.json"),
+        train_images=str(root / "images"),
+        val_json=str(root / "annotations.json"),
+        val_images=str(root / "images"),
+        num_workers=0,
+        size_scale=0.25,
+    )
+    return EntityDataModule(**{**args, **kwargs})
+
+
+def run_python(*args, timeout: float = 600, env: dict | None = None):
+    """``python ARGS...`` (e.g. ``"-m", "entityseg.train", overrides...``) from the repo root.
+
+    Returns the ``CompletedProcess`` with its stdout and stderr as text.
+    """
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
         capture_output=True,
         text=True,
         cwd=REPO,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def collected_table(multirun: Path) -> list[str]:
+    """Run ``scripts/collect_tables.py`` on a multirun folder: the lines of its table.md."""
+    result = run_python(
+        "scripts/collect_tables.py",
+        str(multirun),
         timeout=120,
     )
     assert result.returncode == 0, result.stderr

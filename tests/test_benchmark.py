@@ -2,12 +2,11 @@
 
 import importlib.util
 import json
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 CONTRACT_KEYS = {
     "impl",
@@ -33,11 +32,12 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 def run_benchmark(tmp_path, *args):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *TINY, *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_python(
+        "scripts/benchmark.py",
+        *TINY,
+        *args,
+        "--json",
+        str(out),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,8 +1,6 @@
 """evaluate and predict end to end on a tiny random-weights model and synthetic images."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from pycocotools.coco import COCO
 
-from conftest import REPO, collected_table
+from conftest import REPO, collected_table, run_python
 
 SMALL_DATA = [
     "data.num_workers=0",
@@ -37,21 +35,14 @@ def checkpoint(tmp_path_factory):
 
 
 def run(module, tmp_path, *overrides):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            module,
-            "experiment=demo",
-            f"paths.data_dir={tmp_path}/data",
-            f"hydra.run.dir={tmp_path}/run",
-            *SMALL_DATA,
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
+    return run_python(
+        "-m",
+        module,
+        "experiment=demo",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/run",
+        *SMALL_DATA,
+        *overrides,
     )
 
 
@@ -126,23 +117,16 @@ def test_predict_on_a_folder_with_a_bad_file(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_table7_sweep_from_one_checkpoint(checkpoint, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "entityseg.evaluate",
-            "-m",
-            "experiment=demo",
-            f"ckpt_path={checkpoint}",
-            "hparams_search=table7",
-            f"paths.data_dir={tmp_path}/data",
-            f"hydra.sweep.dir={tmp_path}/sweep",
-            *SMALL_DATA,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
+    result = run_python(
+        "-m",
+        "entityseg.evaluate",
+        "-m",
+        "experiment=demo",
+        f"ckpt_path={checkpoint}",
+        "hparams_search=table7",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        *SMALL_DATA,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = collected_table(tmp_path / "sweep")

@@ -1,7 +1,5 @@
 """The Hydra config tree composes, and bad values stop a run with one line naming the key."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 CONF = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -58,23 +56,17 @@ def test_lightning_parts_instantiate(tmp_path):
 
 
 def run_preview(tmp_path, *overrides):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "entityseg.data.preview",
-            f"paths.data_dir={tmp_path}/data",
-            f"hydra.run.dir={tmp_path}/run",
-            "data.num_workers=0",
-            "data.synthetic.num_train=2",
-            "data.synthetic.num_val=1",
-            "data.synthetic.height=96",
-            "data.synthetic.width=128",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    return run_python(
+        "-m",
+        "entityseg.data.preview",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/run",
+        "data.num_workers=0",
+        "data.synthetic.num_train=2",
+        "data.synthetic.num_val=1",
+        "data.synthetic.height=96",
+        "data.synthetic.width=128",
+        *overrides,
         timeout=300,
     )
 

@@ -1,15 +1,11 @@
 """bf16 inference and training, and the compiled backbone + pixel decoder, on the CPU."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import REPO
-from entityseg.data.datamodule import EntityDataModule
+from conftest import REPO, make_datamodule, run_python, tiny_model
 from entityseg.data.synthetic import generate_dataset
 from entityseg.inference.runner import (
     check_precision,
@@ -23,21 +19,12 @@ from entityseg.models.cropformer import CropFormer
 from entityseg.train import train
 from test_train import config as train_config
 
-TINY = dict(
-    backbone=dict(name="resnet10t", pretrained=False),
-    pixel_decoder=dict(
-        conv_dim=32, mask_dim=32, num_layers=1, num_heads=2, num_points=2, ffn_dim=64
-    ),
-    decoder=dict(hidden_dim=32, num_queries=16, num_heads=2, ffn_dim=64, num_layers=3),
-    association=dict(enabled=True, share_decoder=True, num_heads=2, ffn_dim=64),
-)
 MODES = ["image_o", "batch_oc"]
 TRAIN_STEPS = 100
 
 
 def tiny_net() -> CropFormer:
-    torch.manual_seed(0)
-    return CropFormer(**TINY)
+    return tiny_model(num_queries=16)
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +32,7 @@ def datamodule(tmp_path_factory):
     """Four scenes of about ten entities each, at network sizes of about 100 x 130."""
     root = tmp_path_factory.mktemp("precision")
     generate_dataset(root, num_images=4, seed=5, height=192, width=256, num_objects=3, num_small=4)
-    dm = EntityDataModule(
-        train_json=str(root / "annotations.json"),
-        train_images=str(root / "images"),
-        val_json=str(root / "annotations.json"),
-        val_images=str(root / "images"),
-        batch_size=2,
-        num_workers=0,
-        size_scale=0.1,
-        flip_prob=0.0,
-    )
+    dm = make_datamodule(root, batch_size=2, size_scale=0.1, flip_prob=0.0)
     dm.setup("fit")
     dm.setup("test")
     return dm
@@ -193,19 +171,13 @@ def test_a_bad_precision_is_one_clear_line(tmp_path):
         cfg = compose("train", overrides=["experiment=demo", "inference.precision=fp16"])
     with pytest.raises(SystemExit, match=message):
         instantiate(cfg.model)
-    result = subprocess.run(  # evaluate stops before it reads data or weights
-        [
-            sys.executable,
-            "-m",
-            "entityseg.evaluate",
-            "experiment=demo",
-            "ckpt_path=nope.ckpt",
-            "inference.precision=fp16",
-            f"hydra.run.dir={tmp_path}/run",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_python(  # evaluate stops before it reads data or weights
+        "-m",
+        "entityseg.evaluate",
+        "experiment=demo",
+        "ckpt_path=nope.ckpt",
+        "inference.precision=fp16",
+        f"hydra.run.dir={tmp_path}/run",
         timeout=300,
     )
     assert result.returncode != 0

@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, collected_table
+from conftest import REPO, collected_table, run_python
 from entityseg.train import train
 
 TINY_RUN = [
@@ -93,26 +91,19 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 def test_two_process_ddp_on_cpu(tmp_path):
     dump = tmp_path / "ranks"
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "entityseg.train",
-            *TINY_RUN,
-            "trainer=ddp_cpu",
-            "trainer.max_steps=2",
-            "trainer.check_val_every_n_epoch=1",
-            "test=false",
-            f"paths.data_dir={tmp_path}/data",
-            f"hydra.run.dir={tmp_path}/run",
-            "data.synthetic.num_val=4",
-            "+callbacks.dump._target_=training_callbacks.DumpRankState",
-            f"+callbacks.dump.out_dir={dump}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
+    result = run_python(
+        "-m",
+        "entityseg.train",
+        *TINY_RUN,
+        "trainer=ddp_cpu",
+        "trainer.max_steps=2",
+        "trainer.check_val_every_n_epoch=1",
+        "test=false",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/run",
+        "data.synthetic.num_val=4",
+        "+callbacks.dump._target_=training_callbacks.DumpRankState",
+        f"+callbacks.dump.out_dir={dump}",
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,23 +115,16 @@ def test_two_process_ddp_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_a_small_sweep_and_its_table(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "entityseg.train",
-            "-m",
-            *TINY_RUN,
-            "hparams_search=table9_delta",
-            "hydra.sweeper.params={data.crop_delta:'0.6,0.7'}",
-            "trainer.max_steps=2",
-            f"paths.data_dir={tmp_path}/data",
-            f"hydra.sweep.dir={tmp_path}/sweep",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
+    result = run_python(
+        "-m",
+        "entityseg.train",
+        "-m",
+        *TINY_RUN,
+        "hparams_search=table9_delta",
+        "hydra.sweeper.params={data.crop_delta:'0.6,0.7'}",
+        "trainer.max_steps=2",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.sweep.dir={tmp_path}/sweep",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = collected_table(tmp_path / "sweep")

@@ -6,24 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_datamodule
 from entityseg.config import ConfigError
 from entityseg.data.coco_entity import iter_entity_masks, load_entity_json
 from entityseg.data.crops import crop_and_resize
 from entityseg.data.datamodule import EntityDataModule
 from entityseg.data.errors import EntityDataError
 from entityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
-
-
-def make_datamodule(root, **kwargs):
-    args = dict(
-        train_json=str(root / "annotations.json"),
-        train_images=str(root / "images"),
-        val_json=str(root / "annotations.json"),
-        val_images=str(root / "images"),
-        num_workers=0,
-        size_scale=0.25,
-    )
-    return EntityDataModule(**{**args, **kwargs})
 
 
 def test_training_batch_shapes_and_ids(synthetic_set):

@@ -7,8 +7,6 @@ import copy
 import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from conftest import run_python
 from entityseg.evaluation.entity_ap import (
     METRIC_NAMES,
     STATE_NAMES,
@@ -294,14 +293,14 @@ def test_cli_prints_one_json_line(gt_path, tmp_path):
     predictions = noisy_predictions(8)
     results_path = tmp_path / "results.json"
     results_path.write_text(json.dumps(predictions))
-    command = [sys.executable, "-m", "entityseg.evaluation.entity_ap", str(gt_path)]
-    done = subprocess.run([*command, str(results_path)], capture_output=True, text=True)
+    command = ["-m", "entityseg.evaluation.entity_ap", gt_path]
+    done = run_python(*command, results_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1
     assert json.loads(done.stdout) == evaluate(gt_path, predictions)
 
     missing = tmp_path / "missing_results.json"
-    done = subprocess.run([*command, str(missing)], capture_output=True, text=True)
+    done = run_python(*command, missing)
     assert done.returncode == 2
     assert str(missing) in done.stderr and done.stderr.count("\n") == 1
 

@@ -8,14 +8,12 @@ its final entities; ``key_lists`` the names and shapes of the full-size released
 import json
 import pickle
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from conftest import REPO
+from conftest import run_python
 from entityseg.inference.fusion import fuse_entities
 from entityseg.interop.release import (
     ReleaseConversionError,
@@ -157,20 +155,14 @@ def test_release_fusion_reproduces_its_entities(shared_data, name):
 def test_predict_cli_reproduces_the_release(converted, shared_data, tmp_path, name):
     path, folder = converted[name]
     out = tmp_path / "pred"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "entityseg.predict",
-            f"ckpt_path={path}",
-            f"input={shared_data / 'coco_panoptic_sample/images'}",
-            f"output={out}",
-            "inference.compat=release",
-            f"hydra.run.dir={tmp_path}/hydra",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_python(
+        "-m",
+        "entityseg.predict",
+        f"ckpt_path={path}",
+        f"input={shared_data / 'coco_panoptic_sample/images'}",
+        f"output={out}",
+        "inference.compat=release",
+        f"hydra.run.dir={tmp_path}/hydra",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -218,22 +210,14 @@ def test_conversion_error_names_every_bad_tensor(shared_data):
 
 def test_cli_converts_and_reports_errors(shared_data, tmp_path):
     folder = shared_data / "official_reference/mask2former_tiny"
-    command = [sys.executable, "-m", "entityseg.convert_release"]
-    ok = subprocess.run(
-        [*command, folder / "model_final.pth", folder / "config.yaml", tmp_path / "m2f.ckpt"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    command = ["-m", "entityseg.convert_release"]
+    ok = run_python(
+        *command, folder / "model_final.pth", folder / "config.yaml", tmp_path / "m2f.ckpt"
     )
     assert ok.returncode == 0, ok.stderr
     assert "245 tensors" in ok.stdout and "MaskFormer" in ok.stdout
     other = shared_data / "official_reference/cropformer_tiny/config.yaml"
-    bad = subprocess.run(
-        [*command, folder / "model_final.pth", other, tmp_path / "bad.ckpt"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    bad = run_python(*command, folder / "model_final.pth", other, tmp_path / "bad.ckpt")
     assert bad.returncode == 2
     assert "missing: association." in bad.stderr and not (tmp_path / "bad.ckpt").exists()
 
@@ -318,23 +302,17 @@ def test_evaluate_with_release_compat_gives_the_release_entities(converted, coco
         coco_sample / "panoptic.json", coco_sample / "panoptic", tmp_path / "entity.json"
     )
     images = coco_sample / "images"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "entityseg.evaluate",
-            f"ckpt_path={path}",
-            "data=coco_entity",
-            *(f"data.{split}_json={gt}" for split in ("train", "val")),
-            *(f"data.{split}_images={images}" for split in ("train", "val")),
-            "data.num_workers=0",
-            "inference.compat=release",
-            "inference.modes=[batch_oc]",
-            f"hydra.run.dir={tmp_path}/run",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_python(
+        "-m",
+        "entityseg.evaluate",
+        f"ckpt_path={path}",
+        "data=coco_entity",
+        *(f"data.{split}_json={gt}" for split in ("train", "val")),
+        *(f"data.{split}_images={images}" for split in ("train", "val")),
+        "data.num_workers=0",
+        "inference.compat=release",
+        "inference.modes=[batch_oc]",
+        f"hydra.run.dir={tmp_path}/run",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

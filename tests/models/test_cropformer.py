@@ -1,33 +1,13 @@
 """CropFormer end to end on tiny configs: shapes, shared batch queries, switches, overfitting."""
 
-import copy
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import REPO
+from conftest import REPO, tiny_model
 from entityseg.models.association import AssociationModule
-from entityseg.models.cropformer import CropFormer
 from entityseg.models.heads import MaskLogits
-
-TINY = dict(
-    backbone=dict(name="resnet10t", pretrained=False),
-    pixel_decoder=dict(
-        conv_dim=32, mask_dim=32, num_layers=1, num_heads=2, num_points=2, ffn_dim=64
-    ),
-    decoder=dict(hidden_dim=32, num_queries=8, num_heads=2, ffn_dim=64, num_layers=3),
-    association=dict(enabled=True, share_decoder=True, num_heads=2, ffn_dim=64),
-)
-
-
-def tiny_model(num_queries: int = 8, **association) -> CropFormer:
-    config = copy.deepcopy(TINY)
-    config["decoder"]["num_queries"] = num_queries
-    config["association"].update(association)
-    torch.manual_seed(0)
-    return CropFormer(**config)
 
 
 @pytest.mark.parametrize("views", [2, 5, 9])

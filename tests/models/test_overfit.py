@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from test_cropformer import tiny_model
 
-from entityseg.data.datamodule import EntityDataModule
+from conftest import make_datamodule, tiny_model
 from entityseg.data.synthetic import generate_dataset
 from entityseg.losses.criterion import CropFormerCriterion
 from entityseg.losses.matcher import HungarianMatcher
@@ -14,16 +13,7 @@ from entityseg.losses.matcher import HungarianMatcher
 def one_batch(tmp_path_factory):
     root = tmp_path_factory.mktemp("overfit")
     generate_dataset(root, num_images=1, seed=5, height=192, width=256, num_objects=3, num_small=4)
-    dm = EntityDataModule(
-        train_json=str(root / "annotations.json"),
-        train_images=str(root / "images"),
-        val_json=str(root / "annotations.json"),
-        val_images=str(root / "images"),
-        batch_size=1,
-        num_workers=0,
-        size_scale=0.1,
-        flip_prob=0.0,
-    )
+    dm = make_datamodule(root, batch_size=1, size_scale=0.1, flip_prob=0.0)
     dm.setup("fit")
     torch.manual_seed(0)  # the crop picked for the single batch
     return next(iter(dm.train_dataloader()))

@@ -43,6 +43,9 @@ class ViewConfig:
 
 CROP_RESIZE_MODES = ("same", "own")
 
+#: Batches are zero-padded at the bottom and right to a multiple of this (the release's 32).
+SIZE_DIVISIBILITY = 32
+
 
 class EntityViewsDataset(Dataset):
     """COCO entity images as CropFormer samples.
@@ -199,7 +202,7 @@ def _sample(images, boxes, size, flipped: bool, cfg: ViewConfig) -> dict:
     }
 
 
-def collate_views(samples: list[dict], size_divisibility: int = 32) -> dict:
+def collate_views(samples: list[dict], size_divisibility: int = SIZE_DIVISIBILITY) -> dict:
     """Stack samples into a batch, zero-padding at the bottom/right to a multiple of 32.
 
     Batch: ``images`` float[N, V, 3, H, W]; ``targets`` list[N] of list[V] of dicts with

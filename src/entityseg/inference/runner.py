@@ -22,6 +22,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
+from entityseg.data.views import SIZE_DIVISIBILITY
 from entityseg.inference.fusion import Entities, fuse_entities
 
 
@@ -32,9 +33,6 @@ class ModeResults:
     entities: dict[int, Entities] = field(default_factory=dict)  # image id -> entities
     forward_ms: list[float] = field(default_factory=list)
 
-
-#: Batches are zero-padded to a multiple of this (``collate_views``' size divisibility).
-PAD_MULTIPLE = 32
 
 #: ``inference.precision`` -> the autocast dtype of the network (None: no autocast, float32).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -127,12 +125,14 @@ def _views_input(batch: dict, views: int | None) -> torch.Tensor:
 
     When the views differ in size (``image_sizes`` [N, V, 2]) and only the full view is used,
     the padding that the larger crop views needed is cut off: the full view alone is padded to
-    a multiple of :data:`PAD_MULTIPLE` only, as the release's single-view inference is.
+    a multiple of ``SIZE_DIVISIBILITY`` only, as the release's single-view inference is.
     """
     images = batch["images"][:, :views]
     sizes = batch["image_sizes"]
     if views == 1 and sizes.dim() == 3:
-        height, width = (-(-int(s) // PAD_MULTIPLE) * PAD_MULTIPLE for s in sizes[:, 0].amax(0))
+        height, width = (
+            -(-int(s) // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for s in sizes[:, 0].amax(0)
+        )
         images = images[..., :height, :width]
     return images
 

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from entityseg.models.checkpoint import LIGHTNING_PREFIX, NET_CONFIG_KEY, TEST_VIEWS_KEY
+from entityseg.models.cropformer import CropFormer
 
 #: Tensors of a release checkpoint that are not weights of the network.
 IGNORED = (
@@ -459,8 +460,6 @@ def convert_state_dict(
 
 def network_shapes(net_config: Mapping) -> dict[str, torch.Size]:
     """Name -> shape of every tensor of the network, built on the meta device (no memory)."""
-    from entityseg.models.cropformer import CropFormer
-
     with torch.device("meta"):
         net = CropFormer(**net_config)
     return {k: v.shape for k, v in net.state_dict().items()}

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from entityseg.models.cropformer import CropFormer
+
 log = logging.getLogger(__name__)
 
 #: Attribute under which the LightningModule holds the network: its keys are ``net.<name>``.
@@ -58,8 +60,6 @@ def build_network(
     ``fallback`` (e.g. instantiating the ``model.net`` config). ``checkpoint``: the file's
     content when already read.
     """
-    from entityseg.models.cropformer import CropFormer
-
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     stored = stored_net_config(checkpoint)
     if stored is not None:
