@@ -72,24 +72,31 @@ def trained(datamodule):
     return net.eval()
 
 
-def mask_ious(fp32, bf16) -> list[float]:
-    """IoU of the entity of each query index in either result (0 where one lacks it)."""
-    ious = []
+def mask_overlaps(fp32, bf16) -> list[tuple[int, int]]:
+    """(intersection, union) in pixels of the entity of each query index in either result (a
+    query only one result has counts its whole mask as union)."""
+    overlaps = []
     for image_id, reference in fp32.entities.items():
         other = bf16.entities[image_id]
         masks_a = dict(zip(reference.query_indices.tolist(), reference.masks(), strict=True))
         masks_b = dict(zip(other.query_indices.tolist(), other.masks(), strict=True))
         for query in masks_a.keys() | masks_b.keys():
-            if query not in masks_a or query not in masks_b:
-                ious.append(0.0)
-                continue
-            a, b = masks_a[query], masks_b[query]
-            ious.append(((a & b).sum() / (a | b).sum()).item())
-    return ious
+            a, b = masks_a.get(query), masks_b.get(query)
+            if a is None or b is None:
+                overlaps.append((0, int((a if b is None else b).sum())))
+            else:
+                overlaps.append((int((a & b).sum()), int((a | b).sum())))
+    return overlaps
 
 
 def test_bf16_predictions_keep_the_fp32_masks(trained, datamodule):
-    """Each query's fused mask (``overlapping=True``) with bf16 against fp32.
+    """Each query's fused mask (``overlapping=True``) with bf16 against fp32: the
+    area-weighted mean IoU (summed intersections over summed unions) is >= 0.95.
+
+    Area-weighted, because this tiny model also makes a few specks of a few dozen pixels,
+    whose masks sit at logits near 0: bf16 rounding legitimately changes them by half their
+    area (IoU 0.36 for an 18-pixel speck on one training run), which would swing a plain mean
+    over about a dozen entities although every real entity keeps IoU > 0.94.
 
     Without ``overlapping`` a query's final mask also depends on the painting order, which
     near-tied entity scores decide; bf16 moves scores by up to ~0.04, so on this tiny model
@@ -110,10 +117,12 @@ def test_bf16_predictions_keep_the_fp32_masks(trained, datamodule):
         for precision in ("fp32", "bf16")
     }
     for mode in MODES:
-        ious = mask_ious(results["fp32"][mode], results["bf16"][mode])
-        mean = sum(ious) / len(ious)
-        print(f"{mode}: bf16 vs fp32 mean mask IoU {mean:.4f} over {len(ious)} entities")
-        assert len(ious) >= 8 and mean >= 0.95, (mode, ious)
+        overlaps = mask_overlaps(results["fp32"][mode], results["bf16"][mode])
+        weighted = sum(i for i, _ in overlaps) / sum(u for _, u in overlaps)
+        large = [i / u for i, u in overlaps if u >= 500]  # entities of >= 1% of the image
+        print(f"{mode}: bf16 vs fp32 area-weighted IoU {weighted:.4f} over {len(overlaps)}")
+        assert len(overlaps) >= 8 and weighted >= 0.95, (mode, overlaps)
+        assert len(large) >= 8 and min(large) >= 0.9, (mode, overlaps)
 
 
 def test_bf16_runs_the_network_in_bf16_and_fuses_in_float32(trained, datamodule):

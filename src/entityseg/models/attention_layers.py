@@ -30,12 +30,14 @@ def multihead_attention(
     query: torch.Tensor,  # [B, Lq, C]
     key: torch.Tensor,  # [B, S, C]
     value: torch.Tensor,  # [B, S, C]
-    blocked: torch.Tensor | None = None,  # [B * heads, Lq, S] bool, True = may not attend
+    blocked: torch.Tensor | None = None,  # [B, Lq, S] bool, True = may not attend
 ) -> torch.Tensor:
-    """``attn(query, key, value, attn_mask=blocked)[0]`` through scaled_dot_product_attention.
+    """``attn(query, key, value, attn_mask=blocked repeated per head)[0]`` through
+    scaled_dot_product_attention.
 
-    Every row of ``blocked`` must leave something to attend to (the masked-attention rule
-    "an empty mask attends everywhere" guarantees it).
+    ``blocked`` is shared by all heads (broadcast, not copied). Every row must leave
+    something to attend to (the masked-attention rule "an empty mask attends everywhere"
+    guarantees it).
     """
     batch, length, dim = query.shape
     heads = attn.num_heads
@@ -45,7 +47,7 @@ def multihead_attention(
     def split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, bias).unflatten(-1, (heads, dim // heads)).transpose(1, 2)
 
-    allowed = None if blocked is None else ~blocked.view(batch, heads, length, -1)
+    allowed = None if blocked is None else ~blocked[:, None]  # [B, 1, Lq, S]
     out = F.scaled_dot_product_attention(  # [B, heads, Lq, C/heads]
         split(query, w_q, b_q),
         split(key, w_k, b_k),
@@ -82,7 +84,7 @@ class CrossAttentionLayer(_AttentionBlock):
         self,
         queries: torch.Tensor,  # [B, Q, C]
         memory: torch.Tensor,  # [B, S, C]
-        attn_mask: torch.Tensor | None = None,  # [B * heads, Q, S], True = may not attend
+        attn_mask: torch.Tensor | None = None,  # [B, Q, S], True = may not attend
         memory_pos: torch.Tensor | None = None,
         query_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -129,7 +129,10 @@ class TimmBackbone(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``images [B, 3, H, W]`` -> ``{res_k: [B, C_k, ceil(H / s_k), ceil(W / s_k)]}``."""
+        """``images [B, 3, H, W]`` -> ``{res_k: [B, C_k, ceil(H / s_k), ceil(W / s_k)]}``.
+
+        The maps are channels-last in memory (``torch.channels_last``).
+        """
         height, width = images.shape[-2:]
         pad_h = (-height) % self.size_divisibility
         pad_w = (-width) % self.size_divisibility
@@ -147,8 +150,11 @@ class TimmBackbone(nn.Module):
                     f"backbone {self.name}: {name} is {tuple(feature.shape[-2:])} for input "
                     f"{height} x {width}, expected at least {size}"
                 )
-            # contiguous: downstream code may view() the maps
-            outputs[name] = feature[..., : size[0], : size[1]].contiguous()
+            # dense channels-last maps: the convolutions, resizes and token views downstream
+            # take them without a layout copy (and the crop to `size` is materialised)
+            outputs[name] = feature[..., : size[0], : size[1]].contiguous(
+                memory_format=torch.channels_last
+            )
         return outputs
 
 

@@ -82,15 +82,16 @@ class MaskLogits:
         return masks if self.has_views else masks[:, :, 0]
 
 
-def attention_mask(level_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+def attention_mask(level_logits: torch.Tensor) -> torch.Tensor:
     """Masked attention: each query may only attend where its predicted mask is foreground.
 
     ``level_logits [B, Q, *views, h_l, w_l]`` are mask logits at the attention scale; positions
     with sigmoid < 0.5 are blocked (True). A query whose mask is empty everywhere attends
-    everywhere. Returns bool ``[B * heads, Q, prod(views) * h_l * w_l]`` (the token order of
-    the memory: views outer, then rows, then columns).
+    everywhere. Returns bool ``[B, Q, prod(views) * h_l * w_l]`` (the token order of the
+    memory: views outer, then rows, then columns), one mask for all heads: attention
+    broadcasts it instead of copying it per head.
     """
     b, q = level_logits.shape[:2]
     blocked = (level_logits.reshape(b, q, -1).sigmoid() < 0.5).detach()
     blocked[blocked.all(dim=-1)] = False
-    return blocked.repeat_interleave(num_heads, dim=0)
+    return blocked

@@ -136,7 +136,7 @@ class MaskedAttentionDecoder(nn.Module):
             if final:
                 break
             level = i % NUM_LEVELS
-            blocked = attention_mask(masks.at_level(embedding, level), self.num_heads)
+            blocked = attention_mask(masks.at_level(embedding, level))
             queries = self.cross_attention[i](
                 queries, memory[level], blocked, positions[level], query_pos
             )
