@@ -83,7 +83,8 @@ def test_small_configs_run_at_sizes_other_than_pretraining(config):
             first, second = backbone(images), backbone(images)
         for name, feature in first.items():
             assert tuple(feature.shape) == expected_shapes(backbone, 2, height, width)[name]
-            assert feature.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(feature).all()
+            assert feature.is_contiguous(memory_format=torch.channels_last)
+            assert torch.isfinite(feature).all()
             assert torch.equal(feature, second[name]), "eval forward is not deterministic"
 
 
