@@ -235,3 +235,21 @@ def test_module_auto_uses_kernel_on_cuda():
     inputs = [t.cuda() for t in _module_inputs(auto, [(3, 5), (2, 2)])]
     assert auto._use_triton(inputs[2]) and not torch_impl._use_triton(inputs[2])
     torch.testing.assert_close(auto(*inputs), torch_impl(*inputs), atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+def test_kernel_compiles_into_one_graph_cuda():
+    """The op is a registered triton_op: torch.compile traces it (fullgraph: no graph break),
+    forward and backward equal eager."""
+    module, _ = _module_pair("triton", "torch")
+    module = module.cuda()
+    inputs = [t.cuda() for t in _module_inputs(module, [(6, 9), (3, 5)])]
+    inputs[0].requires_grad_()
+    compiled = torch.compile(module, fullgraph=True)
+    results = []
+    for run in (module, compiled):
+        out = run(*inputs)
+        (grad_query,) = torch.autograd.grad(out.square().sum(), inputs[0])
+        results.append((out, grad_query))
+    for eager, traced in zip(*results, strict=True):
+        torch.testing.assert_close(traced, eager, atol=1e-5, rtol=1e-5)

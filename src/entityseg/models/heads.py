@@ -93,5 +93,5 @@ def attention_mask(level_logits: torch.Tensor) -> torch.Tensor:
     """
     b, q = level_logits.shape[:2]
     blocked = (level_logits.reshape(b, q, -1).sigmoid() < 0.5).detach()
-    blocked[blocked.all(dim=-1)] = False
-    return blocked
+    # no boolean-mask indexing: it would wait for the GPU (nonzero) at every layer
+    return blocked & ~blocked.all(dim=-1, keepdim=True)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch.library import triton_op, wrap_triton
 
 #: dtypes of ``value`` (the output has the same); locations and weights may be any float dtype.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,7 +189,11 @@ def _launch(
     block_rows = max(1, BLOCK_ELEMENTS[pass_] // block_c)
     grad_value, grad_loc, grad_weight = grads if grads else (out, out, out)  # unused forward
     grid = (triton.cdiv(num_rows, block_rows),)
-    _kernel(interpret)[grid](
+    kernel = _kernel(interpret)
+    # wrap_triton lets torch.compile trace the launch; the interpreter's kernel is not a
+    # JITFunction and runs as is (eager, on CPU)
+    launcher = kernel if interpret else wrap_triton(kernel)
+    launcher[grid](
         value,
         spatial_shapes,
         level_start_index,
@@ -213,44 +217,65 @@ def _launch(
     )
 
 
-class _MSDeformAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, weights):
-        batch, _, num_heads, head_dim = value.shape
-        num_queries = sampling_locations.shape[1]
-        out = value.new_empty(batch, num_queries, num_heads * head_dim)  # [B, Lq, heads*C]
-        _launch(value, spatial_shapes, level_start_index, sampling_locations, weights, out)
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, weights)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        value, spatial_shapes, level_start_index, sampling_locations, weights = ctx.saved_tensors
-        f32 = torch.float32
-        grad_value = torch.zeros_like(value, dtype=f32)  # atomics accumulate in fp32
-        grad_loc = torch.empty_like(sampling_locations, dtype=f32)
-        grad_weight = torch.empty_like(weights, dtype=f32)
-        _launch(
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            weights,
-            grad_out.contiguous(),
-            (grad_value, grad_loc, grad_weight),
-        )
-        needs = ctx.needs_input_grad
-        return (
-            grad_value.to(value.dtype) if needs[0] else None,
-            None,
-            None,
-            grad_loc.to(sampling_locations.dtype) if needs[3] else None,
-            grad_weight.to(weights.dtype) if needs[4] else None,
-        )
+# Registered as custom ops (``torch.library.triton_op``): eager calls run the kernel, and
+# torch.compile traces through them (the launches are wrapped with ``wrap_triton``), so a
+# compiled pixel decoder is one graph instead of breaking at each of its deformable layers.
+@triton_op("entityseg::ms_deform_attn_forward", mutates_args=())
+def _forward(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    batch, _, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    out = value.new_empty(batch, num_queries, num_heads * head_dim)  # [B, Lq, heads*C]
+    _launch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out)
+    return out
 
 
-@torch.compiler.disable  # a clean graph break under torch.compile: Dynamo does not trace it
+@triton_op("entityseg::ms_deform_attn_backward", mutates_args=())
+def _backward(
+    grad_out: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    f32 = torch.float32
+    grad_value = torch.zeros_like(value, dtype=f32)  # atomics accumulate in fp32
+    grad_loc = torch.empty_like(sampling_locations, dtype=f32)
+    grad_weight = torch.empty_like(attention_weights, dtype=f32)
+    grads = (grad_value, grad_loc, grad_weight)
+    inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _launch(*inputs, grad_out.contiguous(), grads)
+    return grads
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _autograd_backward(ctx, grad_out: Tensor):
+    value, spatial_shapes, level_start_index, sampling_locations, weights = ctx.saved_tensors
+    grad_value, grad_loc, grad_weight = _backward(
+        grad_out, value, spatial_shapes, level_start_index, sampling_locations, weights
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_value.to(value.dtype) if needs[0] else None,
+        None,
+        None,
+        grad_loc.to(sampling_locations.dtype) if needs[3] else None,
+        grad_weight.to(weights.dtype) if needs[4] else None,
+    )
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
 def ms_deform_attn_triton(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -301,7 +326,7 @@ def ms_deform_attn_triton(
     if not (sampling_locations.is_floating_point() and attention_weights.is_floating_point()):
         raise ValueError("sampling_locations and attention_weights must be floating point")
     device = value.device
-    return _MSDeformAttnFunction.apply(
+    return _forward(
         value.contiguous(),
         spatial_shapes.to(device=device, dtype=torch.int64).contiguous(),
         level_start_index.to(device=device, dtype=torch.int64).contiguous(),
