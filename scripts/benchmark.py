@@ -75,6 +75,7 @@ from entityseg.data.crops import crop_boxes
 from entityseg.data.datamodule import test_view_config
 from entityseg.data.synthetic import generate_dataset
 from entityseg.data.views import collate_views, prediction_views
+from entityseg.inference.cuda_graphs import graphed
 from entityseg.inference.fusion import fuse_entities, to_coco_results
 from entityseg.inference.runner import run_modes
 
@@ -339,11 +340,14 @@ class Bench:
         compiled = bool(cfg.model.get("compile"))
         if compiled:  # model.compile=true: as training, evaluate and predict do
             self.net.compile_parts()
+        # inference.cuda_graphs=true: replayed graphs, as evaluate and predict run them
+        self.forward = graphed(self.net, bool(cfg.inference.get("cuda_graphs")), device)
         self.hf = build_hf_model(cfg, device) if args.hf else None
         self.extra = {
             "backbone": args.backbone,
             "params_m": round(parameters_m(self.net), 2),
             "compile": compiled,
+            "cuda_graphs": self.forward is not self.net,
         }
         self.hf_extra = {"backbone": args.backbone}
         if self.hf is not None:
@@ -366,7 +370,7 @@ class Bench:
 
             def forward(images=images, batch_level=views > 1):
                 with torch.inference_mode(), self.autocast():
-                    return self.net(images, batch_level=batch_level, view_chunk=view_chunk)
+                    return self.forward(images, batch_level=batch_level, view_chunk=view_chunk)
 
             def end_to_end(forward=forward, boxes=boxes, sizes=sizes, mode=mode):
                 outputs = forward()
@@ -521,7 +525,12 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        impl = r["impl"] + (" (compiled)" if r.get("compile") else "")
+        tags = [
+            tag
+            for key, tag in (("compile", "compiled"), ("cuda_graphs", "CUDA graphs"))
+            if r.get(key)
+        ]
+        impl = r["impl"] + "".join(f" ({tag})" for tag in tags)
         lines.append(
             f"| {impl} | {r['task']} | {r['mode']} | {r['views']} | "
             f"{r['height']}x{r['width']} | {r['device']} | {r['precision']} | {r['threads']} | "

@@ -14,9 +14,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-# CUDA-only tests: the fused deformable attention against the reference, fusion on CUDA
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/models/test_ms_deform_attn_triton.py \
-  tests/inference/test_fusion.py -k "cuda or triton" 2>&1 | tail -4 | tee "$OUT/tests.log"
+# CUDA-only tests: the fused deformable attention against the PyTorch op (eager and compiled),
+# fusion on CUDA, CUDA-graph inference against eager
+timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short \
+  tests/models/test_ms_deform_attn_triton.py tests/inference/test_fusion.py \
+  tests/inference/test_cuda_graphs.py -k "cuda or triton" 2>&1 | tail -40 | tee "$OUT/tests.log"
 
 # Swin-L at the release's test size: every mode, HF Mask2Former beside image_o, a training step
 bench() {
@@ -27,6 +29,10 @@ bench() {
 }
 bench 150 bf16 --precision bf16 --runs 10 --warmup 3 --tasks forward end_to_end train_step \
   --train-batch 1
-bench 90 fp32 --precision fp32 --runs 5 --warmup 2 --tasks forward --views 1 5
-bench 240 bf16_compiled --precision bf16 --runs 10 --warmup 3 --tasks forward --views 1 5 \
-  --no-hf --overrides model.compile=true
+bench 90 bf16_cuda_graphs --precision bf16 --runs 10 --warmup 3 --tasks forward end_to_end \
+  --views 1 5 --overrides inference.cuda_graphs=true
+if [ -n "$GPU_CHECKS_ALL" ]; then  # the slower rows: fp32, and compiling (about 2 minutes)
+  bench 90 fp32 --precision fp32 --runs 5 --warmup 2 --tasks forward --views 1 5
+  bench 240 bf16_compiled --precision bf16 --runs 10 --warmup 3 --tasks forward --views 1 5 \
+    --no-hf --overrides model.compile=true
+fi

@@ -21,6 +21,7 @@ from torch import nn
 
 from entityseg.config import instantiate_checked
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
+from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
 from entityseg.inference.fusion import INFERENCE_MODES, check_compat, to_coco_results
 from entityseg.inference.runner import ModeResults, check_precision, run_modes
 from entityseg.interop.release import release_data_overrides
@@ -128,6 +129,7 @@ def markdown_table(rows: list[dict]) -> str:
 def main(cfg: DictConfig) -> float:
     check_modes(cfg.inference.modes)
     check_precision(cfg.inference.precision)
+    check_cuda_graphs(cfg.inference.cuda_graphs)
     net, data, device = load_network(cfg)
     datamodule = instantiate_checked(data, "data")
     datamodule.prepare_data()
@@ -135,7 +137,7 @@ def main(cfg: DictConfig) -> float:
     gt_json = datamodule.hparams.test_json or datamodule.hparams.val_json
 
     results = run_modes(
-        net,
+        graphed(net, cfg.inference.cuda_graphs, device),
         datamodule.test_dataloader(),
         list(cfg.inference.modes),
         device,

@@ -27,6 +27,7 @@ from entityseg.data.datamodule import test_view_config
 from entityseg.data.errors import EntityDataError
 from entityseg.data.views import collate_views, prediction_views
 from entityseg.evaluate import check_modes, load_network
+from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
 from entityseg.inference.fusion import Entities, to_coco_results
 from entityseg.inference.runner import check_precision, run_modes
 from entityseg.viz import draw_boxes, id_map_from_rles, overlay_id_map
@@ -68,6 +69,7 @@ def write_pictures(image: np.ndarray, entities: Entities, boxes, out_dir: Path, 
 def main(cfg: DictConfig) -> None:
     check_modes([cfg.inference.mode])
     check_precision(cfg.inference.precision)
+    check_cuda_graphs(cfg.inference.cuda_graphs)
     net, data, device = load_network(cfg)
     views = test_view_config(**data)
     mode = cfg.inference.mode
@@ -81,6 +83,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     known_ids = image_ids_from_gt(cfg.gt)
+    forward = graphed(net, cfg.inference.cuda_graphs, device)  # one graph cache for all images
 
     paths = find_images(cfg.input)
     predictions, failed = [], []
@@ -100,7 +103,7 @@ def main(cfg: DictConfig) -> None:
         sample.update(image_id=image_id, file_name=str(path), num_skipped=0)
         batch = collate_views([sample])
         result = run_modes(
-            net,
+            forward,
             [batch],
             [mode],
             device,

@@ -252,4 +252,4 @@ def test_kernel_compiles_into_one_graph_cuda():
         (grad_query,) = torch.autograd.grad(out.square().sum(), inputs[0])
         results.append((out, grad_query))
     for eager, traced in zip(*results, strict=True):
-        torch.testing.assert_close(traced, eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced, eager, atol=1e-4, rtol=1e-4)

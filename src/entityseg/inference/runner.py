@@ -14,7 +14,7 @@ fusion is the same code in both.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -72,7 +72,10 @@ def float_outputs(outputs: dict) -> dict:
 
 
 def timed_forward(
-    net: nn.Module, images: torch.Tensor, batch_level: bool, view_chunk: int | None = None
+    net: nn.Module | Callable[..., dict],
+    images: torch.Tensor,
+    batch_level: bool,
+    view_chunk: int | None = None,
 ) -> tuple[dict, float]:
     """``net(images)`` and its wall time in ms (synchronised on CUDA)."""
     if images.device.type == "cuda":
@@ -139,7 +142,7 @@ def _views_input(batch: dict, views: int | None) -> torch.Tensor:
 
 @torch.inference_mode()
 def run_modes(
-    net: nn.Module,
+    net: nn.Module | Callable[..., dict],
     batches: Iterable[dict],
     modes: Sequence[str],
     device: torch.device,
@@ -154,8 +157,10 @@ def run_modes(
 ) -> dict[str, ModeResults]:
     """Entities per mode for every image of ``batches`` (collated test batches).
 
-    ``precision``: ``fp32`` or ``bf16`` (:func:`inference_precision`); ``compat``: see
-    :func:`fuse_modes`; ``view_chunk``: views through the backbone at once (``CropFormer``).
+    ``net``: the network, or its :class:`~entityseg.inference.cuda_graphs.CudaGraphForward`
+    (``inference.cuda_graphs``). ``precision``: ``fp32`` or ``bf16``
+    (:func:`inference_precision`); ``compat``: see :func:`fuse_modes`; ``view_chunk``: views
+    through the backbone at once (``CropFormer``).
     """
     check_precision(precision)
     results = {mode: ModeResults() for mode in modes}

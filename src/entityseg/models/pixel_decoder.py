@@ -170,7 +170,12 @@ class DeformableEncoder(nn.Module):
 
     def forward(self, tokens: Tensor, pos: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """``tokens``/``pos`` ``[B, S, dim]`` with levels of ``shapes`` concatenated -> same."""
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=tokens.device)
+        # filled value by value: no host-to-device copy, which would synchronise with the GPU
+        # and cannot be captured in a CUDA graph
+        spatial_shapes = torch.empty(len(shapes), 2, dtype=torch.long, device=tokens.device)
+        for level, (height, width) in enumerate(shapes):
+            spatial_shapes[level, 0] = height
+            spatial_shapes[level, 1] = width
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
