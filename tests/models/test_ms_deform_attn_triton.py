@@ -237,15 +237,15 @@ def test_module_auto_uses_kernel_on_cuda():
     torch.testing.assert_close(auto(*inputs), torch_impl(*inputs), atol=1e-5, rtol=1e-5)
 
 
-@needs_cuda
-def test_kernel_compiles_into_one_graph_cuda():
-    """The op is a registered triton_op: torch.compile traces it (fullgraph: no graph break),
-    forward and backward equal eager."""
+def _compiled_matches_eager(device: str, backend: str) -> None:
+    """The op is a registered custom op: torch.compile keeps it in one graph (fullgraph: no
+    graph break), forward and backward equal eager."""
+    torch._dynamo.reset()
     module, _ = _module_pair("triton", "torch")
-    module = module.cuda()
-    inputs = [t.cuda() for t in _module_inputs(module, [(6, 9), (3, 5)])]
+    module = module.to(device)
+    inputs = [t.to(device) for t in _module_inputs(module, [(6, 9), (3, 5)])]
     inputs[0].requires_grad_()
-    compiled = torch.compile(module, fullgraph=True)
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
     results = []
     for run in (module, compiled):
         out = run(*inputs)
@@ -253,3 +253,12 @@ def test_kernel_compiles_into_one_graph_cuda():
         results.append((out, grad_query))
     for eager, traced in zip(*results, strict=True):
         torch.testing.assert_close(traced, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_compiles_into_one_graph(interpret):
+    _compiled_matches_eager("cpu", backend="aot_eager")  # the kernel under the interpreter
+
+
+@needs_cuda
+def test_kernel_compiles_into_one_graph_cuda():
+    _compiled_matches_eager("cuda", backend="inductor")

@@ -174,8 +174,8 @@ class DeformableEncoder(nn.Module):
         # and cannot be captured in a CUDA graph
         spatial_shapes = torch.empty(len(shapes), 2, dtype=torch.long, device=tokens.device)
         for level, (height, width) in enumerate(shapes):
-            spatial_shapes[level, 0] = height
-            spatial_shapes[level, 1] = width
+            spatial_shapes[level, 0].fill_(height)  # a kernel argument, not a tensor copy
+            spatial_shapes[level, 1].fill_(width)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
         )

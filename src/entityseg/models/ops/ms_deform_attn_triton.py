@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op
 
 #: dtypes of ``value`` (the output has the same); locations and weights may be any float dtype.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,11 +189,7 @@ def _launch(
     block_rows = max(1, BLOCK_ELEMENTS[pass_] // block_c)
     grad_value, grad_loc, grad_weight = grads if grads else (out, out, out)  # unused forward
     grid = (triton.cdiv(num_rows, block_rows),)
-    kernel = _kernel(interpret)
-    # wrap_triton lets torch.compile trace the launch; the interpreter's kernel is not a
-    # JITFunction and runs as is (eager, on CPU)
-    launcher = kernel if interpret else wrap_triton(kernel)
-    launcher[grid](
+    _kernel(interpret)[grid](
         value,
         spatial_shapes,
         level_start_index,
@@ -217,10 +213,11 @@ def _launch(
     )
 
 
-# Registered as custom ops (``torch.library.triton_op``): eager calls run the kernel, and
-# torch.compile traces through them (the launches are wrapped with ``wrap_triton``), so a
-# compiled pixel decoder is one graph instead of breaking at each of its deformable layers.
-@triton_op("entityseg::ms_deform_attn_forward", mutates_args=())
+# Registered as custom ops (``torch.library.custom_op``) with fake (shape-only) versions:
+# torch.compile keeps each as one opaque call in its graph, so a compiled pixel decoder is one
+# graph instead of breaking at each of its deformable layers. (``triton_op`` would let Inductor
+# re-emit the kernel, but its copy of the source loses module globals such as ``_ADD``.)
+@custom_op("entityseg::ms_deform_attn_forward", mutates_args=())
 def _forward(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -235,7 +232,13 @@ def _forward(
     return out
 
 
-@triton_op("entityseg::ms_deform_attn_backward", mutates_args=())
+@_forward.register_fake
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    batch, _, num_heads, head_dim = value.shape
+    return value.new_empty(batch, sampling_locations.shape[1], num_heads * head_dim)
+
+
+@custom_op("entityseg::ms_deform_attn_backward", mutates_args=())
 def _backward(
     grad_out: Tensor,
     value: Tensor,
@@ -252,6 +255,16 @@ def _backward(
     inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     _launch(*inputs, grad_out.contiguous(), grads)
     return grads
+
+
+@_backward.register_fake
+def _backward_fake(grad_out, value, spatial_shapes, level_start_index, locations, weights):
+    f32 = torch.float32
+    return (
+        torch.empty_like(value, dtype=f32),
+        torch.empty_like(locations, dtype=f32),
+        torch.empty_like(weights, dtype=f32),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
