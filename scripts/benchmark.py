@@ -77,7 +77,7 @@ from entityseg.data.synthetic import generate_dataset
 from entityseg.data.views import collate_views, prediction_views
 from entityseg.inference.cuda_graphs import graphed
 from entityseg.inference.fusion import fuse_entities, to_coco_results
-from entityseg.inference.runner import run_modes
+from entityseg.inference.runner import resolve_view_chunk, run_modes
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("forward", "end_to_end", "train_step", "dataloader", "predict_memory")
@@ -361,7 +361,8 @@ class Bench:
     def inference_groups(self, task: str) -> Iterator[list[Case]]:
         h, w = self.args.height, self.args.width
         settings = self.cfg.inference
-        view_chunk = settings.get("view_chunk")  # as evaluate and predict run the network
+        # as evaluate and predict run the network
+        view_chunk = resolve_view_chunk(settings.get("view_chunk"), self.device)
         for views in self.args.views:
             mode = MODE_OF_VIEWS[views]
             images = random_views(views, h, w, self.device)

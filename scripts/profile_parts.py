@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
+from entityseg.inference.runner import resolve_view_chunk  # noqa: E402
 from entityseg.models.batch_decoder import decode_batch  # noqa: E402
 
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode(), autocast:
         for views in args.views:
             images = benchmark.random_views(views, args.height, args.width, device)
-            models = [("entityseg", entityseg_parts(net, images, cfg.inference.get("view_chunk")))]
+            view_chunk = resolve_view_chunk(cfg.inference.get("view_chunk"), device)
+            models = [("entityseg", entityseg_parts(net, images, view_chunk))]
             if hf is not None and views == 1:
                 models.append(("hf_mask2former", hf_parts(hf, images[:, 0])))
             for name, parts in models:

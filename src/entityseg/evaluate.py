@@ -23,7 +23,7 @@ from entityseg.config import instantiate_checked
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
 from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
 from entityseg.inference.fusion import INFERENCE_MODES, check_compat, to_coco_results
-from entityseg.inference.runner import ModeResults, check_precision, run_modes
+from entityseg.inference.runner import ModeResults, check_precision, resolve_view_chunk, run_modes
 from entityseg.interop.release import release_data_overrides
 from entityseg.models.checkpoint import TEST_VIEWS_KEY, build_network, read_checkpoint
 
@@ -130,6 +130,7 @@ def main(cfg: DictConfig) -> float:
     check_modes(cfg.inference.modes)
     check_precision(cfg.inference.precision)
     check_cuda_graphs(cfg.inference.cuda_graphs)
+    resolve_view_chunk(cfg.inference.view_chunk, "cpu")  # checked now, resolved per device
     net, data, device = load_network(cfg)
     datamodule = instantiate_checked(data, "data")
     datamodule.prepare_data()

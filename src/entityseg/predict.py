@@ -29,7 +29,7 @@ from entityseg.data.views import collate_views, prediction_views
 from entityseg.evaluate import check_modes, load_network
 from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
 from entityseg.inference.fusion import Entities, to_coco_results
-from entityseg.inference.runner import check_precision, run_modes
+from entityseg.inference.runner import check_precision, resolve_view_chunk, run_modes
 from entityseg.viz import draw_boxes, id_map_from_rles, overlay_id_map
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def main(cfg: DictConfig) -> None:
     check_modes([cfg.inference.mode])
     check_precision(cfg.inference.precision)
     check_cuda_graphs(cfg.inference.cuda_graphs)
+    resolve_view_chunk(cfg.inference.view_chunk, "cpu")  # checked now, resolved per device
     net, data, device = load_network(cfg)
     views = test_view_config(**data)
     mode = cfg.inference.mode

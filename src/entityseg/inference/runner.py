@@ -60,6 +60,22 @@ def inference_precision(device: torch.device | str, precision: str = "fp32") -> 
         yield
 
 
+def resolve_view_chunk(view_chunk: int | str | None, device: torch.device | str) -> int | None:
+    """``inference.view_chunk`` as ``CropFormer.forward`` takes it, or one clear config error.
+
+    ``auto``: one view at a time on the CPU, where the views' activations dominate the peak
+    memory and a bigger batch gains little speed; all views at once on a GPU, where each extra
+    pass costs thousands of kernel launches. An integer >= 1 or null (all) is used as given.
+    """
+    if view_chunk == "auto":
+        return 1 if torch.device(device).type == "cpu" else None
+    if view_chunk is None or (type(view_chunk) is int and view_chunk >= 1):
+        return view_chunk
+    raise SystemExit(
+        f"config error: inference.view_chunk={view_chunk!r} must be auto, null or an integer >= 1"
+    )
+
+
 def float_outputs(outputs: dict) -> dict:
     """The final ``logits`` and ``masks`` of both decoders in float32 (bf16 under autocast)."""
 
@@ -153,16 +169,17 @@ def run_modes(
     show_progress: bool = True,
     precision: str = "fp32",
     compat: str = "entityseg",
-    view_chunk: int | None = None,
+    view_chunk: int | str | None = None,
 ) -> dict[str, ModeResults]:
     """Entities per mode for every image of ``batches`` (collated test batches).
 
     ``net``: the network, or its :class:`~entityseg.inference.cuda_graphs.CudaGraphForward`
     (``inference.cuda_graphs``). ``precision``: ``fp32`` or ``bf16``
     (:func:`inference_precision`); ``compat``: see :func:`fuse_modes`; ``view_chunk``: views
-    through the backbone at once (``CropFormer``).
+    through the backbone at once (``CropFormer``; ``auto``: :func:`resolve_view_chunk`).
     """
     check_precision(precision)
+    view_chunk = resolve_view_chunk(view_chunk, device)
     results = {mode: ModeResults() for mode in modes}
     passes = []  # (modes, views used, batch decoder)
     if "image_o" in modes:  # the single-scale baseline sees the full view only
