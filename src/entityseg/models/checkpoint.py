@@ -28,11 +28,19 @@ TEST_VIEWS_KEY = "entityseg_release_test_views"
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at ``path`` as a dict (a bare state dict comes back as it is)."""
+    """The checkpoint at ``path`` as a dict (a bare state dict comes back as it is).
+
+    Files in torch's zip format are memory-mapped: tensors are read when used, so reading a
+    checkpoint for its stored configuration (``model.init_from``) and again for its weights
+    does not read a large file twice.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be mapped: read it whole
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: not a checkpoint (a {type(checkpoint).__name__})")
     return checkpoint
