@@ -39,8 +39,10 @@ def ms_deform_attn(
       the bag, the ``L * P * 4`` corners its entries) without the ``[B*heads, C, Lq, P]``
       samples of the ``grid_sample`` route: on the CPU about 2.5-5x faster at the model's sizes;
     - with gradients (training), ``grid_sample`` per level and a weighted sum: its backward
-      scatters directly, where ``embedding_bag``'s sorts every index (1.7x slower in training
-      at the model's sizes, 3.6x at the demo's).
+      scatters directly, where ``embedding_bag``'s sorts every index. On the CPU that made the
+      demo's training step 15 % slower; at Swin-T's sizes the sorting form was 15 % faster for
+      the pixel decoder, but CPU training is the demo's and the tests' case (GPUs use the
+      Triton kernel).
 
     Args:
         value: ``[B, S, heads, C]``, the levels' value maps flattened row-major and concatenated
