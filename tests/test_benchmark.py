@@ -106,3 +106,21 @@ def test_hf_config_mirrors_the_release_sizes():
     )  # fmt: skip
     assert (config.num_labels, config.num_queries, config.hidden_dim) == (1, 100, 256)
     assert (config.mask_feature_size, config.encoder_layers, config.decoder_layers) == (256, 6, 10)
+
+
+def test_profile_parts_times_every_part_and_writes_kernel_tables(tmp_path):
+    kernels = tmp_path / "kernels.txt"
+    result = run_python(
+        "scripts/profile_parts.py",
+        "--backbone", "tiny", "--height", "64", "--width", "96", "--runs", "1",
+        "--warmup", "0", "--threads", "1", "--views", "1", "5", "--no-hf",
+        "--kernels", kernels,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for part in ("backbone", "pixel decoder", "image decoder", "whole forward"):
+        assert result.stdout.count(f"  {part} ") == 2, (part, result.stdout)
+    assert result.stdout.count("association + batch decoder") == 1  # 5 views only
+    tables = kernels.read_text()
+    assert "## entityseg, 1 view(s)" in tables and "## entityseg, 5 view(s)" in tables
+    assert "aten::" in tables
