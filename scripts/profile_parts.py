@@ -29,7 +29,6 @@ import benchmark  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from entityseg.inference.runner import resolve_view_chunk  # noqa: E402
-from entityseg.models.batch_decoder import decode_batch  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int, device: torch.device) -> float:
@@ -47,7 +46,7 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int, device: torch.de
 
 def entityseg_parts(net, images: torch.Tensor, view_chunk) -> dict[str, Callable[[], object]]:
     """Closures that run one part each on cached inputs (computed once here)."""
-    n, v = images.shape[:2]
+    v = images.shape[1]
     flat = images.flatten(0, 1)
     features = net.backbone(flat)
     mask_features, multi_scale = net.pixel_decoder(features)
@@ -58,16 +57,9 @@ def entityseg_parts(net, images: torch.Tensor, view_chunk) -> dict[str, Callable
         "image decoder": lambda: net.image_decoder(multi_scale, mask_features),
     }
     if v > 1 and net.has_batch_decoder:
-        decoder = net.batch_decoder or net.image_decoder
-
-        def batch_path():
-            queries = net.association(
-                view_queries.reshape(n, v, *view_queries.shape[1:]),
-                net.image_decoder.query_embed.weight,
-            )
-            return decode_batch(decoder, queries, multi_scale, mask_features, v)
-
-        parts["association + batch decoder"] = batch_path
+        parts["association + batch decoder"] = lambda: net.batch_level(
+            view_queries, multi_scale, mask_features, v
+        )
     parts["whole forward"] = lambda: net(images, batch_level=v > 1, view_chunk=view_chunk)
     return parts
 

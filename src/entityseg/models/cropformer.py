@@ -104,14 +104,28 @@ class CropFormer(nn.Module):
         image_predictions, view_queries = self.image_decoder(multi_scale, mask_features)
         outputs = {"image": _as_outputs(image_predictions, n, v), "batch": None}
         if batch_level and self.has_batch_decoder:
-            decoder = self.batch_decoder or self.image_decoder
-            batch_queries = self.association(  # Q_b [N, Q, C]
-                view_queries.reshape(n, v, *view_queries.shape[1:]),
-                self.image_decoder.query_embed.weight,
-            )
-            batch_predictions = decode_batch(decoder, batch_queries, multi_scale, mask_features, v)
+            batch_predictions = self.batch_level(view_queries, multi_scale, mask_features, v)
             outputs["batch"] = _as_outputs(batch_predictions, n, v, batch_level=True)
         return outputs
+
+    def batch_level(
+        self,
+        view_queries: torch.Tensor,
+        multi_scale: list[torch.Tensor],
+        mask_features: torch.Tensor,
+        views: int,
+    ) -> list[DecoderPrediction]:
+        """Association + batch decoder on the image decoder's outputs.
+
+        ``view_queries`` E_i ``[N*V, Q, C]``, ``multi_scale`` and ``mask_features`` of the
+        N x V views (views of an image adjacent). Returns the batch decoder's predictions.
+        """
+        decoder = self.batch_decoder or self.image_decoder
+        batch_queries = self.association(  # Q_b [N, Q, C]
+            view_queries.reshape(-1, views, *view_queries.shape[1:]),
+            self.image_decoder.query_embed.weight,
+        )
+        return decode_batch(decoder, batch_queries, multi_scale, mask_features, views)
 
     def _pixel_features(
         self, views: torch.Tensor, view_chunk: int | None
