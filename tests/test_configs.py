@@ -88,6 +88,7 @@ def test_preview_runs_the_pipeline_end_to_end(tmp_path):
             "data.train_crop_layout='diagonal': unknown crop layout",
         ),
         ("data.batch_size=-1", "data.batch_size=-1: must be a positive integer"),
+        ("data.train_augmentation=mosaic", "data.train_augmentation='mosaic': unknown"),
         ("data.synthetic=null", "data.train_json="),
     ],
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -30,8 +30,22 @@ from entityseg.viz import compare_modes, image_grid
 
 log = logging.getLogger(__name__)
 
-NO_WEIGHT_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)
-NO_WEIGHT_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed")
+#: Parameters of these modules get ``norm_weight_decay`` (torch norm layers) or
+#: ``embedding_weight_decay`` (``nn.Embedding``), as detectron2's / the release's optimiser does.
+NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+#: Parameter names without weight decay (Swin's position tables), as the release.
+NO_WEIGHT_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 class CropFormerModule(L.LightningModule):
@@ -40,8 +54,9 @@ class CropFormerModule(L.LightningModule):
     Args:
         net: :class:`~entityseg.models.cropformer.CropFormer`.
         criterion: :class:`~entityseg.losses.criterion.CropFormerCriterion`.
-        optimizer: ``lr``, ``weight_decay``, ``backbone_lr_factor`` (AdamW; no weight decay on
-            norms and embeddings, as Mask2Former).
+        optimizer: ``lr``, ``weight_decay``, ``backbone_lr_factor``, ``norm_weight_decay``,
+            ``embedding_weight_decay``, ``decayed_norms`` (AdamW groups as released: see
+            :func:`parameter_groups`).
         scheduler: ``power`` of the poly schedule over ``trainer.max_steps`` (no warm-up).
         inference: ``modes``, ``max_entities``, ``overlapping``, ``query_chunk``, ``precision``
             (``fp32`` | ``bf16``: the network's precision in validation and test, whatever
@@ -198,7 +213,13 @@ class CropFormerModule(L.LightningModule):
     def configure_optimizers(self):
         opt = self.hparams.optimizer
         groups = parameter_groups(
-            self.net, opt["lr"], opt["weight_decay"], opt["backbone_lr_factor"]
+            self.net,
+            opt["lr"],
+            opt["weight_decay"],
+            opt["backbone_lr_factor"],
+            opt.get("norm_weight_decay", 0.0),
+            opt.get("embedding_weight_decay", 0.0),
+            opt.get("decayed_norms", ()),
         )
         optimizer = torch.optim.AdamW(groups, lr=opt["lr"], weight_decay=opt["weight_decay"])
         total = max(1, int(self.trainer.max_steps))
@@ -215,27 +236,50 @@ class CropFormerModule(L.LightningModule):
 
 
 def parameter_groups(
-    net: nn.Module, lr: float, weight_decay: float, backbone_lr_factor: float
+    net: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_factor: float,
+    norm_weight_decay: float = 0.0,
+    embedding_weight_decay: float = 0.0,
+    decayed_norms: Sequence[str] = (),
 ) -> list[dict]:
-    """AdamW groups: backbone lr x factor; no weight decay on norms, embeddings, position tables."""
-    no_decay = set()
-    for module in net.modules():
-        if isinstance(module, NO_WEIGHT_DECAY_TYPES):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW groups as the release's ``build_optimizer`` makes them.
+
+    Every parameter gets ``lr`` and ``weight_decay``, except: the backbone's lr is multiplied by
+    ``backbone_lr_factor``; parameters of torch norm layers get ``norm_weight_decay`` and of
+    ``nn.Embedding`` ``embedding_weight_decay``; Swin's ``relative_position_bias_table`` /
+    ``absolute_pos_embed`` get none. Everything else is decayed, biases and the pixel decoder's
+    ``level_embed`` included. ``decayed_norms``: module-name prefixes (e.g. ``"backbone"``)
+    whose norm layers are decayed like any weight: the release's HorNet builds its norms from
+    its own LayerNorm class, which its optimiser does not see as a norm.
+    """
+    settings: dict[int, float] = {}
+    for module_name, module in net.named_modules():
+        if isinstance(module, NORM_TYPES) and not _under(module_name, decayed_norms):
+            decay = norm_weight_decay
+        elif isinstance(module, nn.Embedding):
+            decay = embedding_weight_decay
+        else:
+            continue
+        settings.update((id(p), decay) for p in module.parameters(recurse=False))
+    groups: dict[tuple[float, float], list] = {}
     for name, param in net.named_parameters():
         if not param.requires_grad:
             continue
-        decay = id(param) not in no_decay and not any(k in name for k in NO_WEIGHT_DECAY_NAMES)
-        groups.setdefault((name.startswith("backbone."), decay), []).append(param)
+        decay = settings.get(id(param), weight_decay)
+        if any(key in name for key in NO_WEIGHT_DECAY_NAMES):
+            decay = 0.0
+        param_lr = lr * (backbone_lr_factor if name.startswith("backbone.") else 1.0)
+        groups.setdefault((param_lr, decay), []).append(param)
     return [
-        {
-            "params": params,
-            "lr": lr * (backbone_lr_factor if backbone else 1.0),
-            "weight_decay": weight_decay if decay else 0.0,
-        }
-        for (backbone, decay), params in groups.items()
+        {"params": params, "lr": param_lr, "weight_decay": decay}
+        for (param_lr, decay), params in groups.items()
     ]
+
+
+def _under(module_name: str, prefixes: Sequence[str]) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
 
 
 def _resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,8 +1,11 @@
 """Train CropFormer: ``python -m entityseg.train experiment=cropformer_swinl``.
 
-Instantiates the data module, the LightningModule, callbacks, loggers and trainer from
+Instantiates callbacks, loggers and trainer, then the data module and the LightningModule from
 ``conf/train.yaml``; fits (resuming from ``ckpt_path`` if given); tests the best checkpoint;
-returns the metric named by ``optimized_metric`` so that ``-m`` sweeps can use it.
+returns the metric named by ``optimized_metric`` so that ``-m`` sweeps can use it. Before
+anything is built, a release experiment (``init_from_release``) must be given the converted
+release weights (``model.init_from``); ``data.global_batch_size`` becomes the per-device
+``data.batch_size`` once the trainer knows its world size.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     """Fit and test as configured: the logged metrics (also in ``metrics.json``) and the path
     of the best checkpoint by ``optimized_metric`` (the last one if there is none)."""
+    check_release_init(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    _take_network_from_init_checkpoint(cfg)
-    datamodule = instantiate_checked(cfg.data, "data")
-    model = instantiate_checked(cfg.model, "model")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    apply_global_batch_size(cfg, trainer.world_size)
+    _take_network_from_init_checkpoint(cfg)
+    datamodule = instantiate_checked(cfg.data, "data")
+    model = instantiate_checked(cfg.model, "model")
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -43,6 +48,50 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return metrics, best
+
+
+def check_release_init(cfg: DictConfig) -> None:
+    """Stop at once when a release experiment lacks its starting weights.
+
+    ``init_from_release`` (``{weights, config}``: the release's ``MODEL.WEIGHTS`` file and the
+    release yaml it converts with) marks an experiment that, like the release, fine-tunes from
+    released weights; without ``model.init_from`` it would silently train from scratch.
+    """
+    release = cfg.get("init_from_release")
+    if not release or cfg.model.get("init_from"):
+        return
+    weights, config = release.get("weights"), release.get("config")
+    raise SystemExit(
+        f"config error: model.init_from=None: {cfg.get('task_name', 'this experiment')} starts, "
+        f"as the release, from {weights}; convert it with `python -m entityseg.convert_release "
+        f"{weights} {config} init.ckpt` and add model.init_from=init.ckpt "
+        "(or init_from_release=null to start from scratch)"
+    )
+
+
+def apply_global_batch_size(cfg: DictConfig, world_size: int) -> None:
+    """``data.batch_size`` = ``data.global_batch_size`` / world size (devices x nodes).
+
+    The release's ``SOLVER.IMS_PER_BATCH`` is the batch over all GPUs, so the recipe holds on
+    any number of devices that divides it; ``global_batch_size: null`` keeps ``batch_size``.
+    """
+    total = cfg.data.get("global_batch_size")
+    if total is None:
+        return
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise SystemExit(
+            f"config error: data.global_batch_size={total!r}: must be a positive integer or null"
+        )
+    if total % world_size:
+        raise SystemExit(
+            f"config error: data.global_batch_size={total}: not divisible by the world size "
+            f"{world_size} (trainer.devices x trainer.num_nodes); choose devices that divide it"
+        )
+    with open_dict(cfg):
+        cfg.data.batch_size = total // world_size
+    log.info(
+        "batch %d per device x %d devices = global batch %d", total // world_size, world_size, total
+    )
 
 
 def _take_network_from_init_checkpoint(cfg: DictConfig) -> None:

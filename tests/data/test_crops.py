@@ -109,15 +109,29 @@ def test_paste_refuses_a_box_outside_the_image():
         paste_into_original(torch.zeros(4, 4), (0, 0, 30, 10), (10, 20))
 
 
-@pytest.mark.parametrize("out_size", [(37, 53), (100, 90), (13, 200)])
-def test_mask_resize_is_opencv_nearest_exact(out_size):
-    import cv2
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("out_size", [(37, 53), (100, 90), (13, 200), (24, 30)])
+def test_mask_resize_is_pillow_nearest(out_size, flip):
+    """The release resizes masks with Pillow's nearest (after its flip): the same pixels,
+    ties included (a 48 x 80 crop to 24 x 30 has them; OpenCV's nearest-exact differs there)."""
+    from PIL import Image
 
     rng = np.random.default_rng(3)
     masks = (rng.random((2, 61, 83)) > 0.5).astype(np.uint8)
-    box = (5, 9, 76, 58)
-    ours = crop_and_resize(masks, box, out_size, is_mask=True)
-    for mask, resized in zip(masks, ours, strict=True):
-        crop = mask[9:58, 5:76]
-        expected = cv2.resize(crop, out_size[::-1], interpolation=cv2.INTER_NEAREST_EXACT)
+    box = (3, 9, 83, 57)  # 80 x 48
+    ours = crop_and_resize(masks, box, out_size, is_mask=True, flip=flip)
+    source = masks[:, :, ::-1] if flip else masks
+    for mask, resized in zip(source, ours, strict=True):
+        crop = Image.fromarray(np.ascontiguousarray(mask[9:57, 3:83]))
+        expected = np.asarray(crop.resize(out_size[::-1], Image.Resampling.NEAREST))
         assert np.array_equal(resized, expected)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_image_crop_with_flip_is_the_crop_of_the_mirrored_image(flip):
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    box = (10, 5, 52, 33)
+    source = image[:, ::-1].copy() if flip else image
+    expected = crop_and_resize(source, box, (17, 23))
+    assert np.array_equal(crop_and_resize(image, box, (17, 23), flip=flip), expected)

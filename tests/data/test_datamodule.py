@@ -58,21 +58,16 @@ def test_views_and_masks_follow_the_crop_box_and_flip(synthetic_set):
         sample = dataset[index % len(dataset)]
         record = next(r for r in dataset.records if r.image_id == sample["image_id"])
         h, w = sample["image_size"]
-        box = sample["crop_boxes"][1].int().tolist()
-        orig_w = sample["orig_size"][1]
-        if sample["flipped"]:  # recorded boxes are in the mirrored image
-            box = [orig_w - box[2], box[1], orig_w - box[0], box[3]]
+        box = sample["crop_boxes"][1].int().tolist()  # in the mirrored image if flipped
         masks = dict(iter_entity_masks(record))
         ids = sample["targets"][1]["ids"].tolist()
         stacked = np.stack([masks[i] for i in ids])
-        expected = crop_and_resize(stacked, box, (h, w), is_mask=True).astype(bool)
-        if sample["flipped"]:
-            expected = expected[:, :, ::-1]
-        assert np.array_equal(sample["targets"][1]["masks"].numpy(), expected)
         image = np.asarray(Image.open(record.path).convert("RGB"))
-        view = crop_and_resize(image, box, (h, w))
-        if sample["flipped"]:
-            view = view[:, ::-1]
+        if sample["flipped"]:  # as the release: mirror the original, then crop and resize
+            stacked, image = stacked[:, :, ::-1], image[:, ::-1]
+        expected = crop_and_resize(np.ascontiguousarray(stacked), box, (h, w), is_mask=True)
+        assert np.array_equal(sample["targets"][1]["masks"].numpy(), expected.astype(bool))
+        view = crop_and_resize(np.ascontiguousarray(image), box, (h, w))
         restored = denormalize(sample["images"][1], IMAGENET_MEAN, IMAGENET_STD)
         assert np.abs(restored.astype(int) - view.astype(int)).max() <= 1
         flips.add(sample["flipped"])
@@ -174,6 +169,15 @@ def test_images_without_entities_are_kept_for_evaluation_only(synthetic_set, tmp
         (dict(num_workers=-1), "num_workers"),
         (dict(train_json="/nonexistent/a.json"), "train_json"),
         (dict(val_images="/nonexistent/images"), "val_images"),
+        (dict(train_crop_resize="half"), "train_crop_resize"),
+        (dict(train_augmentation="mosaic"), "train_augmentation"),
+        (dict(lsj_image_size=0), "lsj_image_size"),
+        (dict(lsj_scale=[2.0, 0.1]), "lsj_scale"),
+        (dict(lsj_scale=[0.5]), "lsj_scale"),
+        (dict(global_batch_size=0), "global_batch_size"),
+        (dict(keep_invisible_entities="yes"), "keep_invisible_entities"),
+        (dict(resolution="medium"), "resolution"),
+        (dict(train_json=[]), "train_json"),
     ],
 )
 def test_bad_arguments_name_the_key(synthetic_set, kwargs, key):
@@ -181,6 +185,64 @@ def test_bad_arguments_name_the_key(synthetic_set, kwargs, key):
         make_datamodule(synthetic_set, **kwargs)
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}={list(kwargs.values())[0]!r}: ")
+
+
+def test_training_views_take_the_recipe_settings(synthetic_set):
+    dm = make_datamodule(synthetic_set)
+    views = dm.train_views
+    assert (views.augmentation, views.crop_resize, views.keep_invisible_entities) == (
+        "crop_views",
+        "same",
+        False,
+    )
+    dm = make_datamodule(
+        synthetic_set,
+        train_augmentation="lsj",
+        lsj_image_size=1024,
+        lsj_scale=[0.1, 2.0],
+        train_crop_resize="own",
+        keep_invisible_entities=True,
+        size_scale=0.25,
+    )
+    views = dm.train_views
+    assert (views.augmentation, views.lsj_image_size, views.lsj_scale) == ("lsj", 256, (0.1, 2.0))
+    assert views.crop_resize == "own" and views.keep_invisible_entities is True
+    assert dm.test_views.crop_resize == "same"  # test views keep their own setting
+
+
+def test_training_parts_with_their_own_folders(synthetic_set, tmp_path):
+    data = json.loads((synthetic_set / "annotations.json").read_text())
+    jsons, folders = [], []
+    for part, images in enumerate((data["images"][:3], data["images"][3:])):
+        folder = tmp_path / f"part{part}"
+        folder.mkdir()
+        for image in images:
+            (folder / image["file_name"]).symlink_to(synthetic_set / "images" / image["file_name"])
+        ids = {image["id"] for image in images}
+        anns = [a for a in data["annotations"] if a["image_id"] in ids]
+        jsons.append(tmp_path / f"part{part}.json")
+        jsons[-1].write_text(json.dumps({**data, "images": images, "annotations": anns}))
+        folders.append(str(folder))
+    dm = make_datamodule(
+        synthetic_set, train_json=[str(j) for j in jsons], train_images=folders, batch_size=2
+    )
+    dm.setup("fit")
+    records = dm.datasets["train"].records
+    assert [r.path.parent.name for r in records] == ["part0"] * 3 + ["part1"]
+    assert sorted(r.image_id for r in records) == sorted(i["id"] for i in data["images"])
+    assert next(iter(dm.train_dataloader()))["images"].shape[:2] == (2, 2)
+    one_folder = make_datamodule(
+        synthetic_set,
+        train_json=[str(synthetic_set / "annotations.json")],
+        train_images=[str(synthetic_set / "images")],
+    )
+    one_folder.setup("fit")
+    assert len(one_folder.datasets["train"]) == 4
+    with pytest.raises(ConfigError, match="2 image folders for 1 annotation files"):
+        make_datamodule(synthetic_set, train_json=[str(jsons[0])], train_images=folders)
+    with pytest.raises(ConfigError) as info:
+        make_datamodule(synthetic_set, train_json=[str(jsons[0]), "/none/b.json"])
+    assert str(info.value) == "train_json='/none/b.json': annotation file not found"
 
 
 def test_synthetic_set_is_generated_on_first_use(tmp_path):

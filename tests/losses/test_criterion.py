@@ -241,3 +241,46 @@ def test_uncertain_points_prefer_the_boundary():
     assert uncertain_points(ramp[:, 0], 10, 3.0, 0.0).shape == (2, 10, 2)  # [B, H, W] input
     values = point_sample(ramp, points)
     assert values.shape == (2, 1, 400)
+
+
+def test_dense_points_are_every_prediction_pixel_centre():
+    from entityseg.losses.point_sampling import dense_points
+
+    points = dense_points(3, 5)
+    assert points.shape == (15, 2)
+    assert points[0].tolist() == pytest.approx([0.1, 1 / 6])
+    assert points[7].tolist() == pytest.approx([0.5, 0.5])  # row 1, column 2: (2.5/5, 1.5/3)
+    maps = torch.randn(2, 1, 3, 5)
+    # read from the prediction, every point is the logit itself, row by row
+    torch.testing.assert_close(
+        point_sample(maps, points[None].expand(2, -1, -1))[:, 0], maps.flatten(1)
+    )
+
+
+def test_dense_point_losses_match_a_naive_pixel_loop():
+    """``num_points=None``: BCE and Dice on every stride-4 pixel; the target at a pixel centre
+    is the mean of the 2 x 2 full-resolution target pixels around it."""
+    targets = block_targets()
+    prediction = random_prediction(3)
+    criterion = CropFormerCriterion(num_points=None)
+    loss = criterion.image_level
+    num_masks = loss.num_masks(targets, torch.device("cpu"))
+    matches = loss.matcher.match_image_level(prediction["logits"], prediction["masks"], targets)
+    bce = dice = 0.0
+    for n in range(N):
+        for v in range(V):
+            for q, m in zip(*matches[n][v], strict=True):
+                target = targets[n][v]["masks"][m].double()  # [4 SIZE, 4 SIZE]
+                logits = prediction["masks"][n, v, q].double()  # [SIZE, SIZE]
+                labels = torch.zeros(SIZE, SIZE, dtype=torch.float64)
+                for i in range(SIZE):
+                    for j in range(SIZE):
+                        labels[i, j] = target[4 * i + 1 : 4 * i + 3, 4 * j + 1 : 4 * j + 3].mean()
+                bce += F.binary_cross_entropy_with_logits(logits, labels).item()
+                probs = logits.sigmoid()
+                dice += 1 - (2 * (probs * labels).sum() + 1) / (probs.sum() + labels.sum() + 1)
+    terms = loss.terms(prediction, targets, num_masks)
+    assert terms[1].item() == pytest.approx(bce / num_masks.item(), rel=1e-5)
+    assert terms[2].item() == pytest.approx(float(dice) / num_masks.item(), rel=1e-5)
+    # deterministic: the same matching and losses on every call
+    torch.testing.assert_close(loss.terms(prediction, targets, num_masks), terms)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from entityseg.losses.matcher import HungarianMatcher, batch_level_targets
 from entityseg.losses.point_sampling import point_sample
@@ -157,3 +158,27 @@ def test_no_targets_give_empty_indices():
         assert query_idx.dtype == torch.long and query_idx.numel() == target_idx.numel() == 0
     with pytest.raises(ValueError):
         matcher(prediction, targets, level="video")
+
+
+def test_dense_points_cost_is_the_naive_full_mask_cost():
+    """``num_points=None``: the cost reads every pixel centre of the prediction (each target
+    pixel value there is the mean of its 2 x 2 full-resolution pixels)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 2, generator=generator)
+    masks = torch.randn(4, 2, 6, 8, generator=generator)  # [Q, V, h, w]
+    targets = torch.rand(3, 2, 24, 32, generator=generator) > 0.5  # [M, V, 4h, 4w]
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=None)
+    cost = matcher.cost_matrix(logits, masks, targets)
+    labels = targets.float().unfold(2, 4, 4).unfold(3, 4, 4)[..., 1:3, 1:3].mean((-1, -2))
+    pred = masks.flatten(1)  # [Q, V*h*w]
+    labels = labels.flatten(1)  # [M, V*h*w]
+    bce = torch.stack(
+        [
+            torch.stack([F.binary_cross_entropy_with_logits(pred[q], labels[m]) for m in range(3)])
+            for q in range(4)
+        ]
+    )
+    probs = pred.sigmoid()
+    dice = 1 - (2 * probs @ labels.T + 1) / (probs.sum(1)[:, None] + labels.sum(1)[None] + 1)
+    expected = -2.0 * logits.softmax(-1)[:, :1] + 5.0 * bce + 5.0 * dice
+    torch.testing.assert_close(cost, expected, rtol=1e-5, atol=1e-5)

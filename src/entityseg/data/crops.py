@@ -6,15 +6,18 @@ image or its masks to a view (``crop_and_resize``), and maps a view's mask back 
 original image (``paste_into_original``). Boxes are ``(x0, y0, x1, y1)`` integer pixels of the
 original image, x1/y1 exclusive.
 
-Both directions use half-pixel centres (Pillow bilinear / OpenCV ``INTER_NEAREST_EXACT`` one
-way, PyTorch ``bilinear`` with ``align_corners=False`` / ``nearest-exact`` the other), so a crop
-resized by an integer factor and pasted back lands exactly on the pixels it came from.
+Views are made as the release's mapper makes them (Pillow bilinear for images, Pillow nearest for
+masks, both with half-pixel centres), so its training views are reproduced pixel for pixel.
+Predictions go back with PyTorch ``bilinear`` (``align_corners=False``) / ``nearest-exact``, also
+half-pixel centred, so a crop resized by an integer factor and pasted back lands exactly on the
+pixels it came from.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -151,30 +154,61 @@ def _even_starts(side: int, crop: int, count: int) -> list[int]:
 
 
 def crop_and_resize(
-    array: np.ndarray, box: Box, size: tuple[int, int], is_mask: bool = False
+    array: np.ndarray,
+    box: Box,
+    size: tuple[int, int],
+    is_mask: bool = False,
+    flip: bool = False,
 ) -> np.ndarray:
     """Cut ``box`` out of an image ``[H, W, C]`` (or masks ``[M, H, W]``) and resize to (h, w).
 
-    Images are resized with Pillow's bilinear filter (antialiased when shrinking), which is what
-    the release's mapper does: its prepared views are reproduced exactly. Masks are resized by
-    exact nearest neighbour, a gather of the source rows and columns (half-pixel centres, as
-    OpenCV's ``INTER_NEAREST_EXACT``): no full-resolution intermediate is made, which matters
-    for hundreds of masks of a 4000 x 3000 photo.
+    Images are resized with Pillow's bilinear filter (antialiased when shrinking) and masks
+    with Pillow's nearest neighbour (:func:`pil_nearest_index`): that is what the release's
+    mapper does (detectron2's ``ResizeTransform``), so its views are reproduced exactly. Masks
+    are resized as a gather of source rows and columns: no full-resolution intermediate is
+    made, which matters for hundreds of masks of a 4000 x 3000 photo.
+
+    ``flip=True`` cuts ``box`` out of the horizontally mirrored array (``box`` is in the
+    mirrored image's pixels), as the release flips the original image first and then crops and
+    resizes. Mirroring first is not the same as mirroring the resized view: Pillow's nearest
+    neighbour is not mirror-symmetric where a target pixel centre falls exactly between two
+    source pixels (bilinear is). Nothing full-size is mirrored: only the crop is read.
     """
     x0, y0, x1, y1 = (int(v) for v in box)
     out_h, out_w = size
+    width = array.shape[-1] if is_mask else array.shape[1]
     if is_mask:
-        rows = y0 + _nearest_exact_index(y1 - y0, out_h)
-        cols = x0 + _nearest_exact_index(x1 - x0, out_w)
+        rows = y0 + pil_nearest_index(y1 - y0, out_h)
+        cols = x0 + pil_nearest_index(x1 - x0, out_w)
+        if flip:  # column c of the mirrored image is column W - 1 - c of the array
+            cols = width - 1 - cols
         return array[:, :, cols][:, rows]
-    crop = Image.fromarray(np.ascontiguousarray(array[y0:y1, x0:x1]))
-    return np.asarray(crop.resize((out_w, out_h), Image.Resampling.BILINEAR))
+    # the box of the mirrored image is columns W - x1 .. W - x0 of the array, mirrored
+    crop = array[y0:y1, width - x1 : width - x0][:, ::-1] if flip else array[y0:y1, x0:x1]
+    image = Image.fromarray(np.ascontiguousarray(crop))
+    return np.asarray(image.resize((out_w, out_h), Image.Resampling.BILINEAR))
 
 
-def _nearest_exact_index(source: int, target: int) -> np.ndarray:
-    """Source pixel of each target pixel: ``floor((i + 0.5) * source / target)``, clamped."""
-    index = np.floor((np.arange(target) + 0.5) * (source / target)).astype(np.int64)
-    return np.minimum(index, source - 1)
+@lru_cache(maxsize=256)
+def pil_nearest_index(source: int, target: int) -> np.ndarray:
+    """Source pixel of each of ``target`` pixels when Pillow resizes ``source`` nearest.
+
+    Pillow (``ImagingScaleAffine``) starts at ``0.5 * s`` (``s = source / target``), adds ``s``
+    once per pixel in double precision and truncates. Mathematically that is
+    ``floor((i + 0.5) * s)``, but where that product is an exact integer the accumulated sum
+    can fall just below it and Pillow picks the pixel before: e.g. 640 -> 240 maps target 4 to
+    source 11, not 12. Such ties differ from OpenCV's ``INTER_NEAREST_EXACT``; the release
+    resizes masks with Pillow, so we follow Pillow. Read-only int64 array ``[target]``.
+    """
+    step = source / target
+    index = np.empty(target, dtype=np.int64)
+    position = 0.5 * step
+    for i in range(target):  # sequential on purpose: the rounding of each sum matters
+        index[i] = int(position)
+        position += step
+    index = np.minimum(index, source - 1)
+    index.flags.writeable = False
+    return index
 
 
 def paste_into_original(

@@ -3,7 +3,8 @@
 Training batches hold V = 2 views (I^O and one crop I^C) with per-view targets; validation and
 test batches hold V = 1 + k views (k = 4 or 8 fixed crops) and the image ids that the AP^e
 evaluation looks up in the json. With ``synthetic`` set, the embedded synthetic data set is
-generated on first use (``prepare_data``), so quick runs need no download.
+generated on first use (``prepare_data``), so quick runs need no download. Training may read
+several parts, each a json with its own image folder (EntitySeg's three parts, as released).
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ import torch
 from torch.utils.data import DataLoader
 
 from entityseg.config import ConfigError
-from entityseg.data.coco_entity import load_entity_json
+from entityseg.data.coco_entity import EntityImage, load_entity_json
 from entityseg.data.crops import CROP_LAYOUTS, check_delta
 from entityseg.data.synthetic import generate_dataset
 from entityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, scaled_sizes
-from entityseg.data.views import CROP_RESIZE_MODES, EntityViewsDataset, ViewConfig, collate_views
+from entityseg.data.views import (
+    AUGMENTATIONS,
+    CROP_RESIZE_MODES,
+    EntityViewsDataset,
+    ViewConfig,
+    collate_views,
+)
 
 log = logging.getLogger(__name__)
 
 #: The release's training short sides (640..800, step 32).
 RECIPE_TRAIN_SHORT_SIZES = tuple(range(640, 801, 32))
+#: Which copy of a validation set ``val_json`` / ``val_images`` are (EntitySeg has both).
+RESOLUTIONS = ("high", "low")
 
 
 def test_view_config(
@@ -58,12 +67,20 @@ class EntityDataModule(L.LightningDataModule):
     """Entity segmentation data for CropFormer.
 
     Args:
-        train_json, train_images: COCO entity json and image folder for training.
+        train_json, train_images: COCO entity json and image folder for training; or lists of
+            them, one folder per json (parts read together; their image ids must differ), or
+            one folder for every json.
         val_json, val_images: the same for validation (and test unless ``test_json`` is given).
+        resolution: ``high`` or ``low``: which copy of the validation set ``val_json`` /
+            ``val_images`` are (the ``data=entityseg`` config picks the files by it); recorded
+            with the run, ``None`` where a data set has one copy.
         synthetic: if set, ``{"num_train", "num_val", "seed", "height", "width"}`` and
             optionally ``num_objects`` / ``num_small``: the train and val sets are generated
             into the folders of ``train_json`` / ``val_json`` when their json is missing.
-        batch_size, val_batch_size, num_workers: loader settings.
+        batch_size, val_batch_size, num_workers: loader settings (``batch_size`` per device).
+        global_batch_size: the batch over all devices and nodes (the release's
+            ``SOLVER.IMS_PER_BATCH``); ``entityseg.train`` sets ``batch_size`` from it and the
+            trainer's world size. Unused here; ``None``: ``batch_size`` as given.
         pin_memory: page-locked batches (faster copies to a GPU; ignored without one).
         persistent_workers: keep the loader workers between epochs (with ``num_workers > 0``).
         crop_delta: crop ratio delta of width and height.
@@ -71,6 +88,16 @@ class EntityDataModule(L.LightningDataModule):
         test_crop_layout: ``fixed4`` or ``fixed8`` (all crops are used).
         test_crop_resize: ``same`` (every test view at the full view's size) or ``own`` (each
             crop by its own shortest edge, as the release; set by ``inference.compat=release``).
+        train_crop_resize: the same for the training crop (``own``: as the release trains).
+        keep_invisible_entities: keep an entity as a (batch-level) target even when no training
+            view shows it, as the release does (``False``: left out).
+        train_augmentation: ``crop_views`` (I^O and one crop, the sizes below) or ``lsj`` (the
+            Mask2Former baselines' large-scale jitter: a square ``lsj_image_size`` view of the
+            image scaled by a factor drawn from ``lsj_scale``, no crop view).
+        lsj_image_size, lsj_scale: large-scale jitter's output side (times ``size_scale``) and
+            the (min, max) of its random scale.
+        lsj_mask_pad_value: entity masks in the large-scale-jitter padding: 0 (no entity) or 1
+            (every entity, as the release's detectron2 pads instance masks with 255).
         train_short_sizes, train_max_size, test_short_size, test_max_size: resize recipe, all
             multiplied by ``size_scale`` (1.0 = the release; smaller for CPU runs).
         flip_prob: probability of a horizontal flip of both views at train time.
@@ -83,14 +110,16 @@ class EntityDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_json: str,
-        train_images: str,
+        train_json: str | Sequence[str],
+        train_images: str | Sequence[str],
         val_json: str,
         val_images: str,
         test_json: str | None = None,
         test_images: str | None = None,
         synthetic: dict | None = None,
+        resolution: str | None = None,
         batch_size: int = 2,
+        global_batch_size: int | None = None,
         val_batch_size: int = 1,
         num_workers: int = 2,
         pin_memory: bool = True,
@@ -99,6 +128,12 @@ class EntityDataModule(L.LightningDataModule):
         train_crop_layout: str = "fixed4",
         test_crop_layout: str = "fixed4",
         test_crop_resize: str = "same",
+        train_crop_resize: str = "same",
+        keep_invisible_entities: bool = False,
+        train_augmentation: str = "crop_views",
+        lsj_image_size: int = 1024,
+        lsj_scale: Sequence[float] = (0.1, 2.0),
+        lsj_mask_pad_value: int = 0,
         train_short_sizes: Sequence[int] = RECIPE_TRAIN_SHORT_SIZES,
         train_max_size: int = 1333,
         test_short_size: int = 800,
@@ -126,6 +161,12 @@ class EntityDataModule(L.LightningDataModule):
             max_size=scaled_sizes([train_max_size], size_scale)[0],
             crop_layout=train_crop_layout,
             flip_prob=float(flip_prob),
+            crop_resize=train_crop_resize,
+            augmentation=train_augmentation,
+            lsj_image_size=scaled_sizes([lsj_image_size], size_scale)[0],
+            lsj_scale=(float(lsj_scale[0]), float(lsj_scale[1])),
+            lsj_mask_pad_value=int(lsj_mask_pad_value),
+            keep_invisible_entities=bool(keep_invisible_entities),
             **common,
         )
         self.test_views = test_view_config(
@@ -151,12 +192,33 @@ class EntityDataModule(L.LightningDataModule):
             ("train_crop_layout", CROP_LAYOUTS, "crop layout"),
             ("test_crop_layout", ("fixed4", "fixed8"), "crop layout"),
             ("test_crop_resize", CROP_RESIZE_MODES, "crop resize"),
+            ("train_crop_resize", CROP_RESIZE_MODES, "crop resize"),
+            ("train_augmentation", AUGMENTATIONS, "augmentation"),
+            ("resolution", (None, *RESOLUTIONS), "resolution"),
         ):
             if hp[key] not in allowed:
                 raise ConfigError(key, hp[key], f"unknown {what}; expected one of {allowed}")
-        for key in ("batch_size", "val_batch_size", "size_divisibility"):
-            if not isinstance(hp[key], int) or hp[key] < 1:
+        for key in ("batch_size", "val_batch_size", "size_divisibility", "lsj_image_size"):
+            if not _positive_int(hp[key]):
                 raise ConfigError(key, hp[key], "must be a positive integer")
+        if hp.global_batch_size is not None and not _positive_int(hp.global_batch_size):
+            raise ConfigError(
+                "global_batch_size", hp.global_batch_size, "must be a positive integer or null"
+            )
+        if not isinstance(hp.keep_invisible_entities, bool):
+            raise ConfigError(
+                "keep_invisible_entities", hp.keep_invisible_entities, "must be true or false"
+            )
+        if hp.lsj_mask_pad_value not in (0, 1):
+            raise ConfigError("lsj_mask_pad_value", hp.lsj_mask_pad_value, "must be 0 or 1")
+        scale = hp.lsj_scale
+        if not (
+            isinstance(scale, Sequence)
+            and len(scale) == 2
+            and all(isinstance(v, int | float) for v in scale)
+            and 0 < scale[0] <= scale[1]
+        ):
+            raise ConfigError("lsj_scale", scale, "must be [min, max] with 0 < min <= max")
         if not isinstance(hp.num_workers, int) or hp.num_workers < 0:
             raise ConfigError("num_workers", hp.num_workers, "must be an integer >= 0")
         if not hp.size_scale > 0:
@@ -167,13 +229,59 @@ class EntityDataModule(L.LightningDataModule):
             raise ConfigError("train_short_sizes", hp.train_short_sizes, "must not be empty")
         if len(hp.pixel_mean) != 3 or len(hp.pixel_std) != 3 or min(hp.pixel_std) <= 0:
             raise ConfigError("pixel_std", hp.pixel_std, "mean and std need 3 values, std > 0")
+        parts = self._train_parts()
         if hp.synthetic is None:
-            for key in ("train_json", "val_json", "test_json"):
-                if hp[key] is not None and not Path(hp[key]).is_file():
-                    raise ConfigError(key, hp[key], "annotation file not found")
-            for key in ("train_images", "val_images", "test_images"):
-                if hp[key] is not None and not Path(hp[key]).is_dir():
-                    raise ConfigError(key, hp[key], "image folder not found")
+            if hp.val_json is None or hp.val_images is None:
+                key = "val_json" if hp.val_json is None else "val_images"
+                raise ConfigError(key, None, "must name the validation set")
+            for key, paths, exists, what in (
+                ("train_json", [j for j, _ in parts], Path.is_file, "annotation file"),
+                ("val_json", [hp.val_json], Path.is_file, "annotation file"),
+                ("test_json", [hp.test_json], Path.is_file, "annotation file"),
+                ("train_images", [d for _, d in parts], Path.is_dir, "image folder"),
+                ("val_images", [hp.val_images], Path.is_dir, "image folder"),
+                ("test_images", [hp.test_images], Path.is_dir, "image folder"),
+            ):
+                for path in paths:
+                    if path is not None and not exists(Path(path)):
+                        raise ConfigError(key, path, f"{what} not found")
+
+    def _train_parts(self) -> list[tuple[str, str]]:
+        """The training set's (json, image folder) pairs: one, or one per part."""
+        hp = self.hparams
+        jsons, folders = _as_paths(hp.train_json), _as_paths(hp.train_images)
+        if jsons is None:
+            raise ConfigError("train_json", hp.train_json, "must be a path or a list of paths")
+        if folders is None:
+            raise ConfigError("train_images", hp.train_images, "must be a path or a list of paths")
+        if len(folders) == 1:
+            folders = folders * len(jsons)
+        if len(folders) != len(jsons):
+            raise ConfigError(
+                "train_images",
+                hp.train_images,
+                f"{len(folders)} image folders for {len(jsons)} annotation files "
+                "(train_json): give one per json, or one for all",
+            )
+        return list(zip(jsons, folders, strict=True))
+
+    def _train_records(self) -> list[EntityImage]:
+        """Every training image of every part, in order; image ids must differ across parts."""
+        records: list[EntityImage] = []
+        first_json: dict[int, str] = {}
+        for json_path, image_dir in self._train_parts():
+            part = load_entity_json(json_path, image_dir)
+            for record in part:
+                seen = first_json.setdefault(record.image_id, json_path)
+                if seen != json_path:
+                    raise ConfigError(
+                        "train_json",
+                        self.hparams.train_json,
+                        f"image id {record.image_id} is in both {seen} and {json_path}: parts "
+                        "need distinct image ids (or train on one json that holds them all)",
+                    )
+            records.extend(part)
+        return records
 
     def prepare_data(self) -> None:
         """Generate the synthetic train/val sets if configured and not on disk yet."""
@@ -206,7 +314,7 @@ class EntityDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage in (None, "fit") and "train" not in self.datasets:
-            records = load_entity_json(hp.train_json, hp.train_images)
+            records = self._train_records()
             if hp.skip_empty_train:
                 kept = [r for r in records if r.annotations]
                 if len(kept) < len(records):
@@ -254,3 +362,16 @@ class EntityDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.persistent_workers and workers > 0,
             collate_fn=self.collate,
         )
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _as_paths(value: object) -> list[str] | None:
+    """A path or a non-empty list of paths as a list of strings; ``None`` if neither."""
+    if isinstance(value, str | Path):
+        return [str(value)]
+    if isinstance(value, Sequence) and value and all(isinstance(v, str | Path) for v in value):
+        return [str(v) for v in value]
+    return None

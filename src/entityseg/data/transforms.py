@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import albumentations as A
 import numpy as np
 import torch
 
@@ -34,15 +33,6 @@ def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tu
 def scaled_sizes(sizes: Sequence[int], scale: float) -> list[int]:
     """The recipe's resize sizes times ``scale`` (for small runs), at least 32 pixels."""
     return [max(32, int(round(s * scale))) for s in sizes]
-
-
-def hflip(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mirror an image ``[H, W, 3]`` and its masks ``[M, H, W]`` together."""
-    flip = A.HorizontalFlip(p=1.0)
-    if len(masks) == 0:
-        return flip(image=image)["image"], masks
-    out = flip(image=image, masks=masks)
-    return out["image"], out["masks"]
 
 
 def flip_box(box: Sequence[int], width: int) -> tuple[int, int, int, int]:

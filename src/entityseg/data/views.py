@@ -1,16 +1,34 @@
 """One image -> the CropFormer input views I = {I^O, I^C} and their per-view entity targets.
 
-A sample holds ``V`` views of one image, each resized to the same network size ``(h, w)``:
-view 0 is the full image I^O, views 1.. the crops I^C (one random crop at train time, the k
-fixed crops at test time). Entity masks go through exactly the same crop and resize, one mask
-at a time, so that a 4000 x 3000 photo with hundreds of entities stays in memory.
+A sample holds ``V`` views of one image: view 0 is the full image I^O, views 1.. the crops
+I^C (one crop at train time, the k fixed crops at test time); or, for the Mask2Former
+baseline's large-scale jitter, one jittered view (V = 1). Entity masks go through exactly the
+same flip, crop and resize, one mask at a time, so that a 4000 x 3000 photo with hundreds of
+entities stays in memory.
+
+Training samples are made in two steps so that a sample can be rebuilt from recorded draws
+(the release's ``training.pt``): :class:`EntityViewsDataset` draws (short side, crop box, flip;
+or the LSJ flip, scale and offset), and :func:`crop_views_sample` / :func:`lsj_sample` make the
+sample from them deterministically. Under them, :func:`render_crop_views` /
+:func:`render_lsj_view` give the uint8 views and masks before normalisation
+(:class:`RenderedViews`), and :func:`entity_targets` turns per-view masks into targets.
+
+Order of operations, as the release's ``entity_crop`` mapper: flip the original image, then
+crop from the flipped image, then resize (Pillow bilinear; masks Pillow nearest). Crop boxes
+are in the flipped image's pixels (the release's ``crop_region``). The fixed grids are drawn
+from the flipped image, whose size is the original's, so the release's crop index k is our
+index k; in the unflipped original the box of index k is ``flip_box(box_k, W)``, which for
+``fixed4`` is the box of index ``k ^ 1`` (top-left <-> top-right, bottom-left <->
+bottom-right). Cropping first and mirroring the view gives the same image pixels (Pillow
+bilinear is mirror-symmetric) but not always the same masks (Pillow nearest is not at exact
+ties), hence flip first.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +38,21 @@ from torch.utils.data import Dataset
 from entityseg.data.coco_entity import EntityImage, iter_entity_masks, read_entity_image
 from entityseg.data.crops import Box, crop_and_resize, crop_boxes
 from entityseg.data.errors import EntityDataError
-from entityseg.data.transforms import flip_box, hflip, normalize, shortest_edge_size
+from entityseg.data.lsj import (
+    lsj_crop_offset,
+    lsj_image,
+    lsj_masks,
+    lsj_resize_size,
+    lsj_valid_size,
+)
+from entityseg.data.transforms import normalize, shortest_edge_size
 
 log = logging.getLogger(__name__)
+
+#: ``(annotation id, mask [H, W] uint8/bool)`` of each entity, as ``iter_entity_masks`` yields.
+EntityMasks = Iterable[tuple[int, np.ndarray]]
+#: A mask stack of one view: numpy or torch, bool or uint8, ``[M, h, w]``.
+MaskArray = np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -36,26 +66,61 @@ class ViewConfig:
     flip_prob: float
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
-    #: test-time crop sizes: ``"same"`` every view at the full view's size (ours); ``"own"``
-    #: each crop resized by its own shortest edge, long side uncapped (the release's test views)
+    #: size of the crop views: ``"same"`` every view at the full view's size (ours, the training
+    #: default: one network size for all views); ``"own"`` each crop resized by its own shortest
+    #: edge (the release: at train time with the same short side and ``max_size``, so a crop
+    #: view can differ from the full view by a pixel; at test time with the long side uncapped)
     crop_resize: str = "same"
+    #: training augmentation: ``"crop_views"`` (CropFormer: full view + one crop) or ``"lsj"``
+    #: (the Mask2Former baseline's large-scale jitter: one view, no crop)
+    augmentation: str = "crop_views"
+    #: large-scale jitter: output size (square) and the range of the random scale
+    lsj_image_size: int = 1024
+    lsj_scale: tuple[float, float] = (0.1, 2.0)
+    #: large-scale jitter: value of the entity masks in the padded area. 0: padding belongs to
+    #: no entity (ours); 1: to every entity, as the release (detectron2's ``FixedSizeCrop``
+    #: pads masks with 255, so every mask covers the padding and none is ever empty)
+    lsj_mask_pad_value: int = 0
+    #: keep an entity as a (batch-level) target when no view shows it (the release does);
+    #: ``crop_views`` only: ``lsj`` drops empty entities as the release's LSJ mapper does
+    keep_invisible_entities: bool = False
 
 
 CROP_RESIZE_MODES = ("same", "own")
+AUGMENTATIONS = ("crop_views", "lsj")
 
 #: Batches are zero-padded at the bottom and right to a multiple of this (the release's 32).
 SIZE_DIVISIBILITY = 32
 
 
+@dataclass
+class RenderedViews:
+    """The views of one training sample before normalisation: what a release mapper makes.
+
+    ``masks`` hold every entity given, in the given order, also those a view does not show
+    (:func:`entity_targets` decides which to keep).
+    """
+
+    images: list[np.ndarray]  # V x uint8 [h_v, w_v, 3]
+    masks: list[np.ndarray]  # V x uint8 [M, h_v, w_v]
+    ids: list[int]  # M annotation ids
+    boxes: list[Box]  # V boxes in the (flipped, if flipped) original image's pixels
+    image_size: tuple[int, int] | list[tuple[int, int]]  # valid (h, w); one per view if "own"
+    orig_size: tuple[int, int]  # (H, W) of the original image
+    flipped: bool
+
+
 class EntityViewsDataset(Dataset):
     """COCO entity images as CropFormer samples.
 
-    Training (``train=True``): a random short side from ``short_sizes``, one crop picked from
-    the layout (``fixed4`` / ``fixed8``: one of their boxes; ``random``: a random box), a
-    horizontal flip of both views with probability ``flip_prob``, and targets for both views.
-    Entities that no view shows after resizing (too small at this scale) are left out of the
-    targets and counted in ``stats["entity_not_visible"]``. An unreadable image is logged and
-    replaced by the next one (counted in the sample's ``num_skipped``) unless ``strict``.
+    Training (``train=True``), ``augmentation="crop_views"``: a random short side from
+    ``short_sizes``, a horizontal flip with probability ``flip_prob``, one crop picked from the
+    layout (``fixed4`` / ``fixed8``: one of their boxes; ``random``: a random box), and targets
+    for both views (:func:`crop_views_sample`). ``augmentation="lsj"``: one large-scale-jitter
+    view (:func:`lsj_sample`). Entities that no view shows (too small at this scale, or cut
+    away) are left out of the targets unless ``keep_invisible_entities`` and counted in
+    ``stats["entity_not_visible"]``. An unreadable image is logged and replaced by the next
+    one (counted in the sample's ``num_skipped``) unless ``strict``.
 
     Evaluation (``train=False``): the first short size, all boxes of the layout, no flip, no
     targets; any bad image raises, since skipping it would change the metric.
@@ -63,8 +128,8 @@ class EntityViewsDataset(Dataset):
     A sample is a dict: ``images`` float[V, 3, h, w], ``targets`` (training) a list of V dicts
     with ``masks`` bool[M, h, w] and ``ids`` long[M] (annotation ids, the same order in every
     view), ``crop_boxes`` float[V, 4] in pixels of the original image (mirrored if flipped),
-    ``orig_size`` (H, W), ``image_size`` (h, w), ``image_id``, ``file_name``, ``flipped``,
-    ``num_skipped``.
+    ``orig_size`` (H, W), ``image_size`` (h, w) (a list of V of them for ``crop_resize="own"``),
+    ``image_id``, ``file_name``, ``flipped``, ``num_skipped``.
     """
 
     def __init__(
@@ -77,6 +142,14 @@ class EntityViewsDataset(Dataset):
     ) -> None:
         if not records:
             raise ValueError("no images to make views of")
+        if views.crop_resize not in CROP_RESIZE_MODES:
+            raise ValueError(
+                f"crop_resize={views.crop_resize!r}: expected one of {CROP_RESIZE_MODES}"
+            )
+        if views.augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"augmentation={views.augmentation!r}: expected one of {AUGMENTATIONS}"
+            )
         self.records = list(records)
         self.views = views
         self.train = train
@@ -112,46 +185,242 @@ class EntityViewsDataset(Dataset):
         return np.random.default_rng([self.seed, index, int(torch.randint(0, 2**31, ()))])
 
     def _make_sample(self, record: EntityImage, rng: np.random.Generator) -> dict:
-        """A training sample: random short side, one crop, maybe flipped, with targets."""
+        """A training sample: the random draws here, the making in ``*_sample``."""
         cfg = self.views
         image = read_entity_image(record)
         height, width = image.shape[:2]
-        size = shortest_edge_size(height, width, int(rng.choice(cfg.short_sizes)), cfg.max_size)
-        boxes = crop_boxes(height, width, cfg.crop_layout, cfg.crop_delta, rng=rng)
-        boxes = [(0, 0, width, height), boxes[int(rng.integers(len(boxes)))]]
-        flipped = bool(rng.random() < cfg.flip_prob)
-
-        views = [crop_and_resize(image, box, size) for box in boxes]
-        view_masks, ids = self._targets(record, boxes, size)
-        if flipped:  # mirror I^O, I^C and their masks together, as the release does
-            views, view_masks = zip(*map(hflip, views, view_masks), strict=True)
-        sample = _sample(views, boxes, size, flipped, cfg)
-        ids_tensor = torch.tensor(ids, dtype=torch.long)
-        sample.update(
-            image_id=record.image_id,
-            file_name=str(record.path),
-            num_skipped=0,
-            targets=[
-                {"masks": torch.from_numpy(masks).bool(), "ids": ids_tensor} for masks in view_masks
-            ],
-        )
+        masks = iter_entity_masks(record, strict=self.strict, stats=self.stats)
+        if cfg.augmentation == "lsj":  # the release's draw order: flip, scale, crop offset
+            flipped = bool(rng.random() < cfg.flip_prob)
+            scale = float(rng.uniform(*cfg.lsj_scale))
+            resized = lsj_resize_size(height, width, cfg.lsj_image_size, scale)
+            offset = lsj_crop_offset(resized, cfg.lsj_image_size, float(rng.random()))
+            sample = lsj_sample(
+                image, masks, cfg, flipped=flipped, resized=resized, offset=offset, stats=self.stats
+            )
+        else:  # the release's draw order: short side, flip, crop index
+            short = int(rng.choice(cfg.short_sizes))
+            flipped = bool(rng.random() < cfg.flip_prob)
+            # the grid of the flipped image (same size): a box in the flipped image's pixels
+            boxes = crop_boxes(height, width, cfg.crop_layout, cfg.crop_delta, rng=rng)
+            box = boxes[int(rng.integers(len(boxes)))]
+            sample = crop_views_sample(
+                image, masks, cfg, short=short, flipped=flipped, crop_box=box, stats=self.stats
+            )
+        sample.update(image_id=record.image_id, file_name=str(record.path), num_skipped=0)
         return sample
 
-    def _targets(
-        self, record: EntityImage, boxes: list[Box], size: tuple[int, int]
-    ) -> tuple[list[np.ndarray], list[int]]:
-        """Masks uint8 [M, h, w] of every view, and the M annotation ids they share."""
-        ids, per_view = [], [[] for _ in boxes]
-        for ann_id, mask in iter_entity_masks(record, strict=self.strict, stats=self.stats):
-            views = [crop_and_resize(mask[None], box, size, is_mask=True)[0] for box in boxes]
-            if not any(view.any() for view in views):
-                self.stats["entity_not_visible"] += 1
-                continue
-            ids.append(ann_id)
-            for kept, view in zip(per_view, views, strict=True):
-                kept.append(view)
-        empty = np.zeros((0, *size), dtype=np.uint8)
-        return [np.stack(v) if v else empty for v in per_view], ids
+
+def render_crop_views(
+    image: np.ndarray,
+    masks: EntityMasks,
+    *,
+    short: int,
+    max_size: int,
+    flipped: bool,
+    crop_box: Box,
+    crop_resize: str = "same",
+) -> RenderedViews:
+    """The full view I^O and one crop view I^C of an image, deterministic, uint8.
+
+    ``image`` uint8 RGB ``[H, W, 3]``; ``masks`` the entities as ``(id, mask [H, W])`` pairs
+    (a generator is read once, one mask at a time). ``short`` / ``max_size`` size the full view
+    by its shortest edge (detectron2's ``ResizeShortestEdge``). ``crop_box`` (x0, y0, x1, y1)
+    is in the pixels of the image AFTER the flip (the release's ``crop_region``). The crop view
+    is resized to the full view's size (``crop_resize="same"``) or by its own shortest edge
+    with the same ``short`` and ``max_size`` (``"own"``, the release's training views).
+
+    With the release's draws this gives its ``entity_crop`` views exactly (pixels and masks).
+    """
+    if crop_resize not in CROP_RESIZE_MODES:
+        raise ValueError(f"crop_resize={crop_resize!r}: expected one of {CROP_RESIZE_MODES}")
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in crop_box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"crop box {tuple(crop_box)} is not inside an image of {width}x{height}")
+    boxes: list[Box] = [(0, 0, width, height), (x0, y0, x1, y1)]
+    full_size = shortest_edge_size(height, width, short, max_size)
+    if crop_resize == "same":
+        sizes = [full_size, full_size]
+    else:
+        sizes = [full_size, shortest_edge_size(y1 - y0, x1 - x0, short, max_size)]
+    images = [
+        crop_and_resize(image, box, size, flip=flipped)
+        for box, size in zip(boxes, sizes, strict=True)
+    ]
+    ids: list[int] = []
+    per_view: list[list[np.ndarray]] = [[] for _ in boxes]
+    for ann_id, mask in masks:
+        ids.append(int(ann_id))
+        for kept, box, size in zip(per_view, boxes, sizes, strict=True):
+            view = crop_and_resize(mask[None], box, size, is_mask=True, flip=flipped)[0]
+            kept.append(view.astype(np.uint8, copy=False))  # [h_v, w_v]
+    return RenderedViews(
+        images=images,
+        masks=[_stack(kept, size) for kept, size in zip(per_view, sizes, strict=True)],
+        ids=ids,
+        boxes=boxes,
+        image_size=full_size if crop_resize == "same" else sizes,
+        orig_size=(height, width),
+        flipped=flipped,
+    )
+
+
+def render_lsj_view(
+    image: np.ndarray,
+    masks: EntityMasks,
+    *,
+    flipped: bool,
+    resized: tuple[int, int],
+    offset: tuple[int, int],
+    image_size: int,
+    mask_pad_value: int = 0,
+) -> RenderedViews:
+    """The one large-scale-jitter view of an image, deterministic, uint8 (V = 1).
+
+    Flip, resize the whole image to ``resized`` (h, w), crop ``image_size`` square from
+    ``offset`` (y0, x0), pad to ``image_size`` square with 128 (masks with
+    ``mask_pad_value``): the release's ``coco_instance_lsj`` with the draws it recorded as
+    ``ResizeTransform(new_h, new_w)`` and ``CropTransform(x0, y0)`` (see :mod:`.lsj`).
+    ``image_size`` of the result is the valid (h, w) region, the rest is padding; the box is
+    the whole image (the view shows part of it, scaled: LSJ has no crop view to relate to).
+    """
+    height, width = image.shape[:2]
+    ids: list[int] = []
+    kept: list[np.ndarray] = []
+    for ann_id, mask in masks:
+        ids.append(int(ann_id))
+        view = lsj_masks(mask[None], flipped, resized, offset, image_size, mask_pad_value)[0]
+        kept.append(view.astype(np.uint8, copy=False))  # [S, S]
+    return RenderedViews(
+        images=[lsj_image(image, flipped, resized, offset, image_size)],
+        masks=[_stack(kept, (image_size, image_size))],
+        ids=ids,
+        boxes=[(0, 0, width, height)],
+        image_size=lsj_valid_size(resized, offset, image_size),
+        orig_size=(height, width),
+        flipped=flipped,
+    )
+
+
+def crop_views_sample(
+    image: np.ndarray,
+    masks: EntityMasks,
+    cfg: ViewConfig,
+    *,
+    short: int,
+    flipped: bool,
+    crop_box: Box,
+    stats: Counter | None = None,
+) -> dict:
+    """A CropFormer training sample (V = 2) from its draws: :func:`render_crop_views` with
+    ``cfg.max_size`` and ``cfg.crop_resize``, then normalised, with targets
+    (:func:`entity_targets`, ``cfg.keep_invisible_entities``). No ``image_id`` etc."""
+    views = render_crop_views(
+        image,
+        masks,
+        short=short,
+        max_size=cfg.max_size,
+        flipped=flipped,
+        crop_box=crop_box,
+        crop_resize=cfg.crop_resize,
+    )
+    return training_sample(views, cfg, keep_invisible=cfg.keep_invisible_entities, stats=stats)
+
+
+def lsj_sample(
+    image: np.ndarray,
+    masks: EntityMasks,
+    cfg: ViewConfig,
+    *,
+    flipped: bool,
+    resized: tuple[int, int],
+    offset: tuple[int, int],
+    stats: Counter | None = None,
+) -> dict:
+    """A large-scale-jitter training sample (V = 1) from its draws: :func:`render_lsj_view`
+    at ``cfg.lsj_image_size``, normalised (the 128 padding becomes ``(128 - mean) / std``),
+    with targets; entities the crop leaves empty are dropped, as the release's
+    ``filter_empty_instances`` does (with ``cfg.lsj_mask_pad_value=1``, as released, every
+    mask covers the padding, so only an image filling the whole square can lose one)."""
+    views = render_lsj_view(
+        image,
+        masks,
+        flipped=flipped,
+        resized=resized,
+        offset=offset,
+        image_size=cfg.lsj_image_size,
+        mask_pad_value=cfg.lsj_mask_pad_value,
+    )
+    return training_sample(views, cfg, keep_invisible=False, stats=stats)
+
+
+def training_sample(
+    views: RenderedViews,
+    cfg: ViewConfig,
+    keep_invisible: bool = False,
+    stats: Counter | None = None,
+) -> dict:
+    """Normalise rendered views and attach their targets: a sample without ``image_id`` etc.
+
+    Views of different sizes (``"own"``) are zero-padded at the bottom and right, after
+    normalisation, to the largest; so are their target masks.
+    """
+    sample = _sample(views.images, views.boxes, views.image_size, views.flipped, cfg)
+    pad_h, pad_w = sample["images"].shape[-2:]
+    targets = entity_targets(views.masks, views.ids, keep_invisible=keep_invisible, stats=stats)
+    for target in targets:
+        target["masks"] = _pad(target["masks"], pad_h, pad_w)
+    sample["targets"] = targets
+    return sample
+
+
+def entity_targets(
+    view_masks: Sequence[MaskArray],
+    ids: Sequence[int] | torch.Tensor,
+    keep_invisible: bool = False,
+    valid: Sequence[Sequence[int] | np.ndarray | torch.Tensor] | None = None,
+    *,
+    stats: Counter | None = None,
+) -> list[dict]:
+    """Per-view targets ``{"masks": bool[M', h_v, w_v], "ids": long[M']}`` from per-view masks.
+
+    ``view_masks``: one ``[M, h_v, w_v]`` stack per view (bool or uint8, numpy or torch; views
+    may differ in size), row m of every view the entity ``ids[m]``. ``valid``: optional per-view
+    ``[M]`` flags; a mask whose flag is 0 is zeroed in that view (the release's
+    ``gt_boxes_valid``). Every view keeps the same M' entities in the same order, so an id
+    links one entity across views (batch-level ground truth); an entity whose mask is empty in
+    every view is dropped (counted in ``stats["entity_not_visible"]``) unless
+    ``keep_invisible``, which the release does for its batch-level targets.
+    """
+    ids_tensor = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(-1)  # [M]
+    count = ids_tensor.shape[0]
+    if valid is not None and len(valid) != len(view_masks):
+        raise ValueError(f"{len(valid)} valid flag sets for {len(view_masks)} views")
+    masks = []
+    for v, view in enumerate(view_masks):
+        tensor = torch.as_tensor(view).bool()  # [M, h_v, w_v]
+        if tensor.dim() != 3 or tensor.shape[0] != count:
+            raise ValueError(f"view {v} masks {tuple(tensor.shape)} do not match {count} ids")
+        if valid is not None:
+            flags = torch.as_tensor(np.asarray(valid[v])).reshape(-1).bool()  # [M]
+            if flags.shape[0] != count:
+                raise ValueError(f"view {v} has {flags.shape[0]} valid flags for {count} ids")
+            tensor = tensor & flags[:, None, None]
+        masks.append(tensor)
+    if keep_invisible or not masks:
+        keep = torch.ones(count, dtype=torch.bool)
+    else:
+        keep = torch.stack([m.flatten(1).any(1) for m in masks]).any(0)  # [M]
+    if stats is not None:
+        stats["entity_not_visible"] += int((~keep).sum())
+    kept_ids = ids_tensor[keep]
+    return [{"masks": m[keep], "ids": kept_ids} for m in masks]
+
+
+def _stack(masks: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """``[M, h, w]`` uint8 of a list of ``[h, w]`` masks (``[0, h, w]`` when there are none)."""
+    return np.stack(masks) if masks else np.zeros((0, *size), dtype=np.uint8)
 
 
 def prediction_views(image: np.ndarray, views: ViewConfig) -> dict:
@@ -186,16 +455,21 @@ def prediction_views(image: np.ndarray, views: ViewConfig) -> dict:
 _UNCAPPED = 1 << 30  # no limit on the long side
 
 
-def _sample(images, boxes, size, flipped: bool, cfg: ViewConfig) -> dict:
-    """The image part of a sample: normalised views, their boxes (mirrored if flipped), sizes."""
+def _sample(
+    images: Sequence[np.ndarray],
+    boxes: Sequence[Box],
+    size: tuple[int, int] | list[tuple[int, int]],
+    flipped: bool,
+    cfg: ViewConfig,
+) -> dict:
+    """The image part of a sample: normalised views zero-padded to one size, their boxes
+    (already in the flipped image's pixels if flipped), sizes."""
     width = boxes[0][2]
     normalized = [normalize(v, cfg.pixel_mean, cfg.pixel_std) for v in images]
     pad_h, pad_w = max(v.shape[-2] for v in normalized), max(v.shape[-1] for v in normalized)
     return {
         "images": torch.stack([_pad(v, pad_h, pad_w) for v in normalized]),
-        "crop_boxes": torch.tensor(
-            [flip_box(b, width) if flipped else b for b in boxes], dtype=torch.float32
-        ),
+        "crop_boxes": torch.tensor([tuple(b) for b in boxes], dtype=torch.float32),  # [V, 4]
         "orig_size": (boxes[0][3], width),
         "image_size": size,
         "flipped": flipped,
@@ -208,7 +482,8 @@ def collate_views(samples: list[dict], size_divisibility: int = SIZE_DIVISIBILIT
     Batch: ``images`` float[N, V, 3, H, W]; ``targets`` list[N] of list[V] of dicts with
     ``masks`` bool[M, H, W] and ``ids`` long[M] (training only); ``crop_boxes`` float[N, V, 4];
     ``image_sizes`` long[N, 2] the valid (h, w) region of every view (long[N, V, 2] for views of
-    different sizes, ``crop_resize="own"``); ``orig_sizes`` long[N, 2];
+    different sizes, ``crop_resize="own"``; for LSJ, V = 1, the image content inside the
+    128-padded square); ``orig_sizes`` long[N, 2];
     ``image_ids`` long[N]; ``file_names``; ``flipped`` bool[N]; ``num_skipped`` (int).
     """
     if len({s["images"].shape[0] for s in samples}) != 1:

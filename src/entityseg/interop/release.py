@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,6 +398,14 @@ def release_name(name: str, context: _Context) -> str | None:
         if match:
             return match.expand(rename) if isinstance(rename, str) else rename(match, context)
     return None
+
+
+def name_table(release_names: Iterable[str], net_config: Mapping) -> dict[str, str]:
+    """Release name -> our name for every release tensor a rule covers (gradients, optimiser
+    settings and other per-parameter records of the release, read in our names)."""
+    context = _Context(num_fpn_levels(net_config))
+    table = {name: release_name(name, context) for name in release_names}
+    return {name: ours for name, ours in table.items() if ours is not None}
 
 
 def convert_state_dict(

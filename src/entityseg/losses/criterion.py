@@ -3,9 +3,11 @@
 Each level matches queries to ground truth (:mod:`entityseg.losses.matcher`), then supervises
 the entity scores U^e with a 2-way cross-entropy over all queries (matched -> entity, the rest
 -> no-entity, weighted 1 / ``no_entity_weight``) and the masks U^m of matched queries with
-sigmoid BCE + Dice on importance-sampled points. Every deep-supervision prediction gets the
-same losses with its own matching. Mask losses are summed over masks and divided by the number
-of target masks in the (distributed) batch, as the release does:
+sigmoid BCE + Dice on importance-sampled points (or, with ``num_points=None``, on every pixel
+centre of the predicted masks: deterministic, as the release's one-step reference). Every
+deep-supervision prediction gets the same losses with its own matching. Mask losses are summed
+over masks and divided by the number of target masks in the (distributed) batch, as the
+release does:
 
 - image level: every (image, view) is a problem; a target mask is an entity visible in a view,
   normaliser = number of such entity-view pairs;
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entityseg.losses.matcher import HungarianMatcher
-from entityseg.losses.point_sampling import point_sample, uncertain_points
+from entityseg.losses.point_sampling import dense_points, point_sample, uncertain_points
 
 ENTITY, NO_ENTITY = 0, 1
 
@@ -68,7 +70,7 @@ class _SetLoss(nn.Module):
         mask_weight: float,
         dice_weight: float,
         no_entity_weight: float,
-        num_points: int,
+        num_points: int | None,
         oversample_ratio: float,
         importance_sample_ratio: float,
     ) -> None:
@@ -91,16 +93,21 @@ class _SetLoss(nn.Module):
     def mask_losses(self, pred_masks: Tensor, target_masks: Tensor) -> tuple[Tensor, Tensor]:
         """(BCE sum, Dice sum) of K matched pairs: logits [K, h, w] vs bool [K, H, W].
 
-        Points are importance-sampled per mask by the prediction's uncertainty and read the
-        target (4x the resolution) at the same normalised positions.
+        Points are importance-sampled per mask by the prediction's uncertainty (or every pixel
+        centre of the prediction, ``num_points=None``) and read the target (4x the resolution)
+        at the same normalised positions.
         """
         pred_masks = pred_masks.float().unsqueeze(1)  # [K, 1, h, w], float32 under bf16
-        points = uncertain_points(  # [K, P, 2]
-            pred_masks.detach(),
-            self.num_points,
-            self.oversample_ratio,
-            self.importance_sample_ratio,
-        )
+        if self.num_points is None:
+            points = dense_points(*pred_masks.shape[-2:], device=pred_masks.device)
+            points = points[None].expand(pred_masks.shape[0], -1, -1)  # [K, h*w, 2]
+        else:
+            points = uncertain_points(  # [K, P, 2]
+                pred_masks.detach(),
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
         with torch.no_grad():
             target_masks = target_masks.to(pred_masks.device).unsqueeze(1).float()  # [K, 1, H, W]
             labels = point_sample(target_masks, points).squeeze(1)  # [K, P]
@@ -204,7 +211,7 @@ class CropFormerCriterion(nn.Module):
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,
         no_entity_weight: float = 0.1,
-        num_points: int = 12544,
+        num_points: int | None = 12544,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         image_level_weight: float = 0.5,

@@ -8,7 +8,8 @@ views at once, so an entity seen in only one view is matched by what the query p
 Cost (as in Mask2Former / the CropFormer release), on ``num_points`` uniform random points shared
 by all queries and targets of one problem and, at batch level, by all its views:
 ``class_weight * -p(entity) + mask_weight * BCE + dice_weight * Dice``, BCE being the mean over
-the V * num_points sampled values.
+the V * num_points sampled values. ``num_points=None`` uses every prediction pixel's centre
+instead (:func:`~entityseg.losses.point_sampling.dense_points`): deterministic.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from entityseg.losses.point_sampling import point_sample
+from entityseg.losses.point_sampling import dense_points, point_sample
 
 #: (query indices, target indices), long tensors of equal length.
 Match = tuple[Tensor, Tensor]
@@ -66,7 +67,7 @@ class HungarianMatcher(nn.Module):
         class_weight: float = 2.0,
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,
-        num_points: int = 12544,
+        num_points: int | None = 12544,
     ) -> None:
         super().__init__()
         self.class_weight = class_weight
@@ -86,9 +87,12 @@ class HungarianMatcher(nn.Module):
 
         ``logits`` [Q, 2] (entity, no-entity); ``masks`` [Q, V, h, w] mask logits; ``target_masks``
         [M, V, H, W] (bool or float); ``points`` [P, 2] normalised (x, y), by default
-        ``num_points`` uniform random ones, read in every view.
+        ``num_points`` uniform random ones (every pixel centre of ``h x w`` when
+        ``num_points`` is None), read in every view.
         """
-        if points is None:
+        if points is None and self.num_points is None:
+            points = dense_points(*masks.shape[-2:], device=masks.device)
+        elif points is None:
             points = torch.rand(self.num_points, 2, device=masks.device)
         points = points[None]  # [1, P, 2]: one point set for every mask and view
         num_queries, num_targets = masks.shape[0], target_masks.shape[0]

@@ -2,7 +2,9 @@
 
 Mask losses and matching costs are computed on a few thousand points instead of full masks.
 Points are normalised (x, y) in [0, 1], so one set of points reads a stride-4 prediction and
-its full-resolution target at the same image locations.
+its full-resolution target at the same image locations. :func:`dense_points` is the
+deterministic alternative (``model.criterion.num_points: null``): every prediction pixel's
+centre, what the release's one-step reference uses and what small models can afford.
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ def point_sample(maps: Tensor, points: Tensor) -> Tensor:
     """
     grid = 2.0 * points.to(maps.dtype).unsqueeze(2) - 1.0  # [B, P, 1, 2] in [-1, 1]
     return F.grid_sample(maps, grid, mode="bilinear", align_corners=False).squeeze(3)
+
+
+def dense_points(height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """The centre of every pixel of a ``height`` x ``width`` map, row by row -> [h*w, 2].
+
+    Point ``i * width + j`` is ``((j + 0.5) / width, (i + 0.5) / height)``: read from the
+    prediction it is the logit itself; read from a 4x larger target it is the mean of the
+    2 x 2 target pixels around that centre (fractional at mask borders).
+    """
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1)
 
 
 @torch.no_grad()
