@@ -131,3 +131,29 @@ def test_a_small_sweep_and_its_table(tmp_path):
     assert lines[0].startswith("| delta | AP^e |")
     assert lines[2].startswith("| 0.6 |") and lines[2].endswith("| 40.2 |")
     assert lines[3].startswith("| 0.7 |") and lines[3].endswith("| 41.0 |")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # the release's CropFormer training views (crops by their own edge, invisible entities
+        # kept) and dense points (its one-step reference) instead of importance sampling
+        [
+            "data.train_crop_resize=own",
+            "data.keep_invisible_entities=true",
+            "model.criterion.num_points=null",
+        ],
+        # the Mask2Former baseline's large-scale jitter: one view, padded masks as released
+        [
+            "model=mask2former",
+            "data.train_augmentation=lsj",
+            "data.lsj_mask_pad_value=1",
+            "optimized_metric=val/ap_image_o",
+        ],
+    ],
+    ids=["release_crop_views", "lsj"],
+)
+def test_release_training_switches_train_end_to_end(tmp_path, overrides):
+    metrics, _ = train(config(tmp_path, "+trainer.fast_dev_run=1", "test=false", *overrides))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert ("train/batch/ce" in metrics) != ("model=mask2former" in overrides)

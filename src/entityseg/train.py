@@ -29,12 +29,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     """Fit and test as configured: the logged metrics (also in ``metrics.json``) and the path
     of the best checkpoint by ``optimized_metric`` (the last one if there is none)."""
     check_release_init(cfg)
+    _take_network_from_init_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     apply_global_batch_size(cfg, trainer.world_size)
-    _take_network_from_init_checkpoint(cfg)
     datamodule = instantiate_checked(cfg.data, "data")
     model = instantiate_checked(cfg.model, "model")
     if cfg.train:
