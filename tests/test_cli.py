@@ -1,6 +1,7 @@
 """evaluate and predict end to end on a tiny random-weights model and synthetic images."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import REPO, collected_table, run_python
+from entityseg.predict import check_unique_stems, find_images, read_results
 
 SMALL_DATA = [
     "data.num_workers=0",
@@ -52,6 +54,10 @@ def test_evaluate_writes_predictions_and_table7(checkpoint, tmp_path):
     out = tmp_path / "run"
     rows = json.loads((out / "table7.json").read_text())
     assert [r["mode"] for r in rows] == ["image_o", "batch_o", "batch_c", "batch_oc"]
+    names = ["Image-O", "Batch-O", "Batch-C", "Batch-OC"]
+    for number, (row, name) in enumerate(zip(rows, names, strict=True), start=1):
+        # one line per mode while pycocotools scores it
+        assert f"scoring mode {number}/4, {name} ({row['mode']})" in result.stdout + result.stderr
     assert "| Batch-OC |" in (out / "table7.md").read_text()
     gt = COCO(str(tmp_path / "data/synthetic/val/annotations.json"))
     for row in rows:
@@ -71,25 +77,41 @@ def test_evaluate_refuses_unknown_mode_and_missing_checkpoint(checkpoint, tmp_pa
     assert result.returncode != 0 and "nope.ckpt: checkpoint not found" in result.stderr
 
 
-def test_predict_on_a_folder_with_a_bad_file(checkpoint, tmp_path):
-    from entityseg.data.synthetic import generate_dataset
-
-    generate_dataset(tmp_path / "photos", num_images=2, seed=1, height=96, width=128)
-    images = tmp_path / "photos" / "images"
-    Image.fromarray(np.full((40, 30), 128, np.uint8)).save(images / "gray.png")
-    (images / "broken.jpg").write_bytes(b"not a jpeg")
-    out = tmp_path / "predicted"
-    result = run(
+def predict(checkpoint, tmp_path, images, out, *overrides):
+    return run(
         "entityseg.predict",
         tmp_path,
         f"ckpt_path={checkpoint}",
         f"input={images}",
         f"output={out}",
-        "inference.mode=batch_oc",
+        *overrides,
     )
+
+
+PREDICTED_STEMS = ["gray", "synthetic_000000", "synthetic_000001"]  # in input (sorted) order
+
+
+@pytest.fixture(scope="module")
+def predicted(checkpoint, tmp_path_factory):
+    """One uninterrupted ``predict`` run on two synthetic photos, a gray PNG and a broken
+    JPEG: (its input folder, its output folder, the finished process)."""
+    from entityseg.data.synthetic import generate_dataset
+
+    tmp_path = tmp_path_factory.mktemp("predict")
+    generate_dataset(tmp_path / "photos", num_images=2, seed=1, height=96, width=128)
+    images = tmp_path / "photos" / "images"
+    Image.fromarray(np.full((40, 30), 128, np.uint8)).save(images / "gray.png")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "predicted"
+    result = predict(checkpoint, tmp_path, images, out, "inference.mode=batch_oc")
+    return images, out, result
+
+
+def test_predict_on_a_folder_with_a_bad_file(checkpoint, predicted, tmp_path):
+    images, out, result = predicted
     assert result.returncode == 1
     assert f"{images / 'broken.jpg'}: not an image file" in result.stdout + result.stderr
-    for stem in ("synthetic_000000", "synthetic_000001", "gray"):
+    for stem in PREDICTED_STEMS:
         id_map = np.asarray(Image.open(out / f"{stem}.png"))
         assert id_map.dtype == np.uint16 and id_map.max() > 0
         assert (out / f"{stem}_overlay.jpg").is_file()
@@ -99,20 +121,94 @@ def test_predict_on_a_folder_with_a_bad_file(checkpoint, tmp_path):
         "synthetic_000001.jpg",
         "gray.png",
     }
+    assert not list(out.glob(".*"))  # no partial picture left
 
     with_gt = tmp_path / "with_gt"
-    result = run(
-        "entityseg.predict",
+    result = predict(
+        checkpoint,
         tmp_path,
-        f"ckpt_path={checkpoint}",
-        f"input={images}/synthetic_*.jpg",
-        f"output={with_gt}",
-        f"gt={tmp_path / 'photos/annotations.json'}",
+        f"{images}/synthetic_*.jpg",
+        with_gt,
+        f"gt={images.parent / 'annotations.json'}",
         "inference.mode=image_o",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads((with_gt / "predictions.json").read_text())
-    COCO(str(tmp_path / "photos/annotations.json")).loadRes(predictions)
+    COCO(str(images.parent / "annotations.json")).loadRes(predictions)
+
+
+def test_predict_resumes_an_interrupted_run(checkpoint, predicted, tmp_path):
+    images, clean, _ = predicted
+    header, *lines = (clean / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    assert json.loads(header)["settings"]["inference.mode"] == "batch_oc"
+    records = [json.loads(line) for line in lines]
+    # the unreadable broken.jpg (id 1) has no line: every run tries it again
+    assert [r["file_name"] for r in records] == [
+        "gray.png",
+        *(f"{s}.jpg" for s in PREDICTED_STEMS[1:]),
+    ]
+    assert [r["image_id"] for r in records] == [2, 3, 4]
+    clean_json = (clean / "predictions.json").read_text()
+    assert json.loads(clean_json) == [p for r in records for p in r["predictions"]]
+
+    # The state a kill leaves while the last image's PNG is being written, had the second
+    # image's line been cut in half by an earlier kill: image 1 done, image 2's pictures whole
+    # but its line partial (and its PNG cut, as a non-atomic writer would leave it), image 3
+    # a half-written temporary PNG and no pictures; no predictions.json yet.
+    first, second, third = PREDICTED_STEMS
+    killed = tmp_path / "killed"
+    shutil.copytree(clean, killed)
+    (killed / "predictions.json").unlink()
+    (killed / "predictions.jsonl").write_bytes(header + lines[0] + lines[1][: len(lines[1]) // 2])
+    png = (clean / f"{second}.png").read_bytes()
+    (killed / f"{second}.png").write_bytes(png[: len(png) // 2])
+    (killed / f".{third}.png.partial").write_bytes(png[: len(png) // 3])
+    for name in (f"{third}.png", f"{third}_overlay.jpg"):
+        (killed / name).unlink()
+
+    result = predict(checkpoint, tmp_path, images, killed, "inference.mode=batch_oc")
+    assert result.returncode == 1  # broken.jpg again
+    assert "1 of 4 images already done, skipped" in result.stdout + result.stderr
+    assert (killed / "predictions.json").read_text() == clean_json  # every image once
+    for stem in PREDICTED_STEMS:
+        assert np.array_equal(
+            np.asarray(Image.open(killed / f"{stem}.png")),
+            np.asarray(Image.open(clean / f"{stem}.png")),
+        )
+        assert (killed / f"{stem}_overlay.jpg").is_file()
+    _, *resumed = (killed / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    assert resumed == lines  # the cut line replaced, not kept
+    assert not list(killed.glob(".*"))
+
+    other = {**json.loads(header)["settings"], "inference.mode": "image_o"}
+    with pytest.raises(SystemExit) as info:  # what a rerun with inference.mode=image_o does
+        read_results(killed / "predictions.jsonl", other)
+    assert str(info.value) == (
+        f"output={killed} holds predictions made with other settings "
+        "(inference.mode: batch_oc -> image_o): use another output= or delete "
+        f"{killed / 'predictions.jsonl'} to start again"
+    )
+
+
+def test_predict_with_nothing_to_do_says_so(checkpoint, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    result = predict(checkpoint, tmp_path, empty, out)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"input={empty}: no image (") and last.endswith(": nothing to do")
+    assert not out.exists()
+    with pytest.raises(SystemExit) as info:
+        find_images(f"{empty}/*.jpg")
+    assert str(info.value) == (
+        f"input={empty}/*.jpg: no such file or folder, no file matches it: nothing to do"
+    )
+    (empty / "a.jpg").write_bytes(b"")
+    (empty / "a.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"a\.jpg and .*a\.png would both write a\.png"):
+        check_unique_stems(find_images(str(empty)))
 
 
 @pytest.mark.slow

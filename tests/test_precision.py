@@ -6,6 +6,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import REPO, make_datamodule, run_python, tiny_model
+from entityseg.config import ConfigError, instantiate_checked
 from entityseg.data.synthetic import generate_dataset
 from entityseg.inference.runner import (
     check_precision,
@@ -170,15 +171,17 @@ def test_compile_keeps_state_dict_keys_and_checkpoints_load(tmp_path):
 
 
 def test_a_bad_precision_is_one_clear_line(tmp_path):
-    message = "config error: inference.precision='fp16' is unknown; expected one of"
-    with pytest.raises(SystemExit, match=message):
+    """The library raises ConfigError; the entry points turn it into one line and an exit."""
+    problem = "inference.precision='fp16': is unknown; expected one of"
+    message = "config error: " + problem
+    with pytest.raises(ConfigError, match=problem):
         check_precision("fp16")
-    with pytest.raises(SystemExit, match=message), inference_precision("cpu", "fp16"):
+    with pytest.raises(ConfigError, match=problem), inference_precision("cpu", "fp16"):
         pass
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "inference.precision=fp16"])
-    with pytest.raises(SystemExit, match=message):
-        instantiate(cfg.model)
+    with pytest.raises(SystemExit, match="config error: model." + problem):
+        instantiate_checked(cfg.model, "model")
     result = run_python(  # evaluate stops before it reads data or weights
         "-m",
         "entityseg.evaluate",

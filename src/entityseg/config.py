@@ -1,8 +1,14 @@
-"""Config checking: a bad value stops the run at once with one line naming its key."""
+"""Config checking: a bad value stops the run at once with one line naming its key.
+
+Library code raises :class:`ConfigError`; only the command-line entry points turn it into a
+one-line exit (:func:`exits_on_config_error`, :func:`instantiate_checked`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -32,3 +38,25 @@ def instantiate_checked(node: DictConfig, node_key: str, **kwargs: Any) -> Any:
                 f"config error: {node_key}.{cause.key}={cause.value!r}: {cause.problem}"
             ) from None
         raise
+
+
+_Entry = TypeVar("_Entry", bound=Callable[..., Any])
+
+
+def exits_on_config_error(entry: _Entry) -> _Entry:
+    """A CLI entry point whose :class:`ConfigError` becomes ``config error: <key>=<value>: ...``
+    on one line and a non-zero exit, instead of a traceback.
+
+    Goes under ``@hydra.main`` (Hydra reports exceptions itself). Under ``python -m``, Hydra
+    resolves ``config_path`` from the file of the function it wraps, this one: this module
+    must stay in the folder of the entry points (``src/entityseg``).
+    """
+
+    @functools.wraps(entry)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return entry(*args, **kwargs)
+        except ConfigError as err:
+            raise SystemExit(f"config error: {err}") from None
+
+    return wrapper  # type: ignore[return-value]

@@ -5,6 +5,8 @@ writes to its output folder one COCO results json per mode (``predictions_<mode>
 ``table7.md`` and ``table7.json`` (AP^e, AP^e_50, AP^e_75 and the median forward time per
 image, data loading excluded). ``inference.precision=bf16`` runs the network under bf16
 autocast; ``model.compile=true`` compiles its backbone and pixel decoder (``torch.compile``).
+A progress bar follows the network over the images; then one log line names each mode as
+pycocotools scores it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from entityseg.config import instantiate_checked
+from entityseg.config import exits_on_config_error, instantiate_checked
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
 from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
 from entityseg.inference.fusion import INFERENCE_MODES, check_compat, to_coco_results
@@ -91,12 +93,21 @@ def load_network(cfg: DictConfig) -> tuple[nn.Module, DictConfig, torch.device]:
 def table_rows(results: dict[str, ModeResults], gt_json: str, out_dir: Path) -> list[dict]:
     """Write each mode's predictions json and score it with AP^e."""
     rows = []
-    for mode, result in results.items():
+    for number, (mode, result) in enumerate(results.items(), start=1):
         predictions = [
             r for image_id, e in result.entities.items() for r in to_coco_results(e, image_id)
         ]
         path = out_dir / f"predictions_{mode}.json"
         path.write_text(json.dumps(predictions))
+        log.info(
+            "scoring mode %d/%d, %s (%s): AP^e of %d entities on %d images (pycocotools)",
+            number,
+            len(results),
+            PAPER_NAMES[mode],
+            mode,
+            len(predictions),
+            len(result.entities),
+        )
         metrics = entity_ap(gt_json, predictions)
         rows.append(
             {
@@ -126,6 +137,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@exits_on_config_error
 def main(cfg: DictConfig) -> float:
     check_modes(cfg.inference.modes)
     check_precision(cfg.inference.precision)

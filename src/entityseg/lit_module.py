@@ -3,8 +3,9 @@
 Lightning runs the loops, devices, DDP, precision and gradient clipping (``conf/trainer``);
 this module says what one step computes. Training: L = 0.5 L_i + 1.0 L_b (the criterion) on
 batches of V = 2 views. Validation and test: every inference mode of ``inference.modes`` is
-fused from one forward pass and scored with AP^e against the data module's json, each mode
-with its own DDP-synced :class:`EntityAP`; pictures of the predicted entities (Image-O beside
+inferred as ``evaluate`` infers it (:func:`~entityseg.inference.runner.infer_batch`, the same
+settings) and scored with AP^e against the data module's json, each mode with its own
+DDP-synced :class:`EntityAP`; pictures of the predicted entities (Image-O beside
 Batch-OC, crops drawn) go to TensorBoard every ``log_images_every_n_steps`` validation steps.
 """
 
@@ -24,7 +25,7 @@ from entityseg.config import ConfigError
 from entityseg.data.transforms import denormalize
 from entityseg.evaluation.entity_ap import EntityAP
 from entityseg.inference.fusion import to_coco_results
-from entityseg.inference.runner import check_precision, fuse_modes, inference_precision
+from entityseg.inference.runner import check_precision, infer_batch, resolve_view_chunk
 from entityseg.models.checkpoint import NET_CONFIG_KEY, load_weights
 from entityseg.viz import compare_modes, image_grid
 
@@ -60,7 +61,8 @@ class CropFormerModule(L.LightningModule):
         scheduler: ``power`` of the poly schedule over ``trainer.max_steps`` (no warm-up).
         inference: ``modes``, ``max_entities``, ``overlapping``, ``query_chunk``, ``precision``
             (``fp32`` | ``bf16``: the network's precision in validation and test, whatever
-            ``trainer.precision`` is).
+            ``trainer.precision`` is), ``compat``, ``view_chunk``: validation and test infer
+            exactly as ``evaluate`` does (:func:`~entityseg.inference.runner.infer_batch`).
         log_images_every_n_steps: validation steps between TensorBoard pictures (0: never).
         pixel_mean, pixel_std: to draw the normalised views.
         backbone: the ``model/backbone`` config choice; it sits at ``model.backbone`` so that
@@ -93,6 +95,7 @@ class CropFormerModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "criterion", "backbone", "ops"], logger=False)
         check_precision(inference.get("precision", "fp32"))
+        resolve_view_chunk(inference.get("view_chunk", "auto"), "cpu")  # a bad value: at once
         self.net = net
         if init_from:
             try:
@@ -107,6 +110,7 @@ class CropFormerModule(L.LightningModule):
         if not self.net.has_batch_decoder:  # the Mask2Former baseline has Image-O only
             self.modes = [m for m in self.modes if m == "image_o"]
         self.metrics = nn.ModuleDict()
+        self._nan_warned: set[str] = set()  # metrics already reported as NaN (warned once)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -146,16 +150,19 @@ class CropFormerModule(L.LightningModule):
         self._evaluate_step(batch, batch_idx, "test")
 
     def _evaluate_step(self, batch: dict, batch_idx: int, split: str) -> None:
+        """The inference step of ``evaluate`` (:func:`infer_batch`), with its settings."""
         settings = self.hparams.inference
-        with inference_precision(self.device, settings.get("precision", "fp32")):
-            outputs = self.net(batch["images"])
-        fused = fuse_modes(
-            outputs,
+        fused, _ = infer_batch(
+            self.net,
             batch,
             self.modes,
+            self.device,
             settings["max_entities"],
             settings["overlapping"],
             settings["query_chunk"],
+            settings.get("precision", "fp32"),
+            settings.get("compat", "entityseg"),
+            resolve_view_chunk(settings.get("view_chunk", "auto"), self.device),
         )
         for mode in self.modes:
             results = [
@@ -179,9 +186,17 @@ class CropFormerModule(L.LightningModule):
             metric = self.metrics[f"{split}_{mode}"]
             values = metric.compute()
             for key, name in (("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75")):
-                value = values[key]
-                value = 0.0 if math.isnan(value) else value  # NaN: no GT of that kind at all
-                self.log(f"{split}/{name}_{mode}", value, sync_dist=False, rank_zero_only=False)
+                metric_name = f"{split}/{name}_{mode}"
+                if math.isnan(values[key]) and metric_name not in self._nan_warned:
+                    # logged as NaN, never as a score of 0 that a sweep would take for a result
+                    self._nan_warned.add(metric_name)
+                    log.warning(
+                        "%s is NaN: the %s json has no ground-truth entity to score "
+                        "(pycocotools gives -1)",
+                        metric_name,
+                        split,
+                    )
+                self.log(metric_name, values[key], sync_dist=False, rank_zero_only=False)
             metric.reset()
 
     def _log_pictures(self, batch: dict, fused: dict, batch_idx: int) -> None:

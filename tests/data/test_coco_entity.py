@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from conftest import run_python
 from entityseg.data.coco_entity import (
     decode_entity_mask,
     iter_entity_masks,
@@ -223,3 +224,98 @@ def test_coco_panoptic_becomes_entities(coco_sample, tmp_path):
         areas = sorted(int(m.sum()) for m in masks)
         assert areas == sorted(s["area"] for s in pan["segments_info"] if not s["iscrowd"])
         assert read_entity_image(record).shape == (record.height, record.width, 3)
+
+
+def in_memory_entity_json(panoptic_json, panoptic_dir):
+    """What the converter wrote before it streamed: the whole entity json built in memory,
+    from the panoptic PNGs read here with PIL and encoded with pycocotools."""
+    data = json.loads(panoptic_json.read_text())
+    annotations = []
+    for pan in data["annotations"]:
+        rgb = np.asarray(Image.open(panoptic_dir / pan["file_name"]).convert("RGB"), np.int64)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        for seg in pan["segments_info"]:
+            rle = mask_utils.encode(np.asfortranarray(ids == seg["id"], dtype=np.uint8))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": pan["image_id"],
+                    "category_id": 1,
+                    "segmentation": {
+                        "size": [int(v) for v in rle["size"]],
+                        "counts": rle["counts"].decode(),
+                    },
+                    "area": int(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": seg.get("iscrowd", 0),
+                }
+            )
+    images = [
+        {"id": i["id"], "file_name": i["file_name"], "height": i["height"], "width": i["width"]}
+        for i in data["images"]
+    ]
+    categories = [{"id": 1, "name": "entity", "supercategory": "entity"}]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def write_panoptic(root, id_maps, crowd=()):
+    """A COCO panoptic json and PNGs (ids as R + 256 G + 65536 B) of ``id_maps``, 0 = void."""
+    (root / "panoptic").mkdir(parents=True)
+    images, annotations = [], []
+    for image_id, ids in enumerate(id_maps, start=1):
+        name = f"{image_id:012d}.png"
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "panoptic" / name)
+        images.append(
+            {"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": 6, "width": 9, "x": 1}
+        )
+        segments = [
+            {
+                "id": int(s),
+                "category_id": 7,
+                "area": int((ids == s).sum()),
+                "iscrowd": int(s in crowd),
+            }
+            for s in np.unique(ids)
+            if s
+        ]
+        annotations.append({"image_id": image_id, "file_name": name, "segments_info": segments})
+    (root / "panoptic.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root / "panoptic.json", root / "panoptic"
+
+
+def test_streamed_conversion_equals_the_in_memory_json(tmp_path):
+    rng = np.random.default_rng(0)
+    id_maps = [
+        rng.choice([0, 5, 300, 70000], size=(6, 9)),  # ids in all three channels, some void
+        np.zeros((6, 9), np.int64),  # no segment at all
+        np.repeat([[1, 1, 1, 2, 2, 2, 3, 3, 3]], 6, axis=0),
+    ]
+    panoptic_json, panoptic_dir = write_panoptic(tmp_path, id_maps, crowd={2})
+    out = panoptic_to_entity_json(panoptic_json, panoptic_dir, tmp_path / "out" / "entity.json")
+    expected = in_memory_entity_json(panoptic_json, panoptic_dir)
+    assert [a["image_id"] for a in expected["annotations"]] == [1, 1, 1, 3, 3, 3]
+    assert out.read_text() == json.dumps(expected)  # the text json.dump wrote, byte for byte
+    assert [p.name for p in out.parent.iterdir()] == ["entity.json"]  # no temporary file left
+
+
+def test_a_failed_conversion_leaves_no_json(tmp_path):
+    ids = np.repeat([[1, 1, 1, 2, 2, 2, 3, 3, 3]], 6, axis=0)
+    panoptic_json, panoptic_dir = write_panoptic(tmp_path, [ids, ids])
+    (panoptic_dir / "000000000002.png").write_bytes(b"")
+    out = tmp_path / "out" / "entity.json"
+    with pytest.raises(EntityDataError, match="000000000002.png: cannot read panoptic PNG"):
+        panoptic_to_entity_json(panoptic_json, panoptic_dir, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_coco_panoptic_cli_streams_the_in_memory_json(coco_sample, tmp_path):
+    out = tmp_path / "entity.json"
+    panoptic_json, panoptic_dir = coco_sample / "panoptic.json", coco_sample / "panoptic"
+    result = run_python("-m", "entityseg.data.coco_entity", panoptic_json, panoptic_dir, out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "panoptic -> entities" in result.stderr and "100%" in result.stderr  # progress bar
+    expected = in_memory_entity_json(panoptic_json, panoptic_dir)
+    assert len(expected["annotations"]) == 18 + 32
+    assert out.read_text() == json.dumps(expected)

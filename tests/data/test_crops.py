@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from entityseg.data.crops import crop_and_resize, crop_boxes, paste_into_original
+from entityseg.data.crops import crop_and_resize, crop_boxes
 
 
 def release_grid(height, width, ratio, stride_ratio=0.6):
@@ -81,32 +81,6 @@ def test_crop_and_resize_at_crop_size_is_the_crop():
     image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
     box = (10, 5, 52, 33)
     assert np.array_equal(crop_and_resize(image, box, (28, 42)), image[5:33, 10:52])
-
-
-@pytest.mark.parametrize("factor", [1, 2, 3])
-def test_paste_inverts_crop_and_resize_for_integer_scales(factor):
-    rng = np.random.default_rng(2)
-    masks = (rng.random((3, 50, 70)) > 0.5).astype(np.uint8)
-    box = (7, 11, 7 + 35, 11 + 28)
-    view = crop_and_resize(masks, box, (28 * factor, 35 * factor), is_mask=True)
-    pasted = paste_into_original(torch.from_numpy(view).float(), box, (50, 70), "nearest-exact")
-    expected = np.zeros_like(masks)
-    expected[:, 11:39, 7:42] = masks[:, 11:39, 7:42]
-    assert np.array_equal(pasted.numpy().astype(np.uint8), expected)
-
-
-def test_paste_bilinear_of_a_constant_view_fills_exactly_the_box():
-    pasted = paste_into_original(torch.full((2, 16, 16), 0.75), (3, 4, 13, 9), (12, 20))
-    assert pasted.shape == (2, 12, 20)
-    inside = torch.zeros(12, 20, dtype=torch.bool)
-    inside[4:9, 3:13] = True
-    torch.testing.assert_close(pasted[:, inside], torch.full((2, 50), 0.75))
-    assert torch.all(pasted[:, ~inside] == 0)
-
-
-def test_paste_refuses_a_box_outside_the_image():
-    with pytest.raises(ValueError, match="not inside"):
-        paste_into_original(torch.zeros(4, 4), (0, 0, 30, 10), (10, 20))
 
 
 @pytest.mark.parametrize("flip", [False, True])

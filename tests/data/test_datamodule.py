@@ -74,9 +74,12 @@ def test_views_and_masks_follow_the_crop_box_and_flip(synthetic_set):
     assert flips == {True, False}
 
 
-@pytest.mark.parametrize(("layout", "views"), [("fixed4", 5), ("fixed8", 9)])
-def test_validation_batches_hold_all_fixed_crops(synthetic_set, layout, views):
-    dm = make_datamodule(synthetic_set, test_crop_layout=layout, val_batch_size=2)
+@pytest.mark.parametrize(
+    ("layout", "delta", "views"), [("fixed4", 0.7, 5), ("fixed8", 0.7, 9), ("grid", 0.5, 10)]
+)
+def test_validation_batches_hold_all_test_crops(synthetic_set, layout, delta, views):
+    """Every test layout evaluates (``grid`` at delta 0.5: 3 x 3 crops + the full view)."""
+    dm = make_datamodule(synthetic_set, test_crop_layout=layout, crop_delta=delta, val_batch_size=2)
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     assert batch["images"].shape[:3] == (2, views, 3)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from entityseg.config import ConfigError
 from entityseg.inference.cuda_graphs import CudaGraphForward, check_cuda_graphs, graphed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,7 +27,7 @@ def test_cpu_tensors_run_eagerly():
 
 
 def test_a_bad_setting_is_one_clear_line():
-    with pytest.raises(SystemExit, match="inference.cuda_graphs='yes' must be true or false"):
+    with pytest.raises(ConfigError, match="inference.cuda_graphs='yes': must be true or false"):
         check_cuda_graphs("yes")
     with pytest.raises(ValueError, match="max_graphs"):
         CudaGraphForward(tiny_model(), max_graphs=0)

@@ -387,3 +387,20 @@ def test_cuda_outputs_give_the_cpu_entities(overlapping):
         torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
         differ = (a.masks() ^ b.masks()).sum().item()
         assert differ <= 0.001 * a.masks().sum().item() + 2
+
+
+def test_a_constant_crop_view_fills_exactly_its_box():
+    """The paste of inference: a view's probabilities land in its box, nothing outside."""
+    logit = math.log(0.75 / 0.25)
+    view_masks = torch.full((1, 2, 4, 4), logit)  # [V', q, h', w']: a 16 x 16 padded input
+    fused = fused_probabilities(view_masks, [(3, 4, 13, 9)], [(16, 16)], (12, 20))
+    assert fused.shape == (2, 12, 20)
+    inside = torch.zeros(12, 20, dtype=torch.bool)
+    inside[4:9, 3:13] = True
+    torch.testing.assert_close(fused[:, inside], torch.full((2, 50), 0.75))
+    assert torch.all(fused[:, ~inside] == 0)
+
+
+def test_a_box_outside_the_image_is_refused():
+    with pytest.raises(ValueError, match="not inside"):
+        fused_probabilities(torch.zeros(1, 1, 4, 4), [(0, 0, 30, 10)], [(16, 16)], (10, 20))

@@ -86,11 +86,15 @@ def test_converted_network_gives_the_release_outputs(converted, name):
             (image["logits"][0], reference[f"{index}.image_level.pred_logits"]),
             (image["masks"][0], reference[f"{index}.image_level.pred_masks"]),
         ]
-        pairs += [
-            (aux["logits"][0], reference[f"{index}.image_level.aux{k}.pred_logits"])
-            for k, aux in enumerate(image["aux"])
-            if f"{index}.image_level.aux{k}.pred_logits" in reference
-        ]
+        recorded_aux = sorted(k for k in reference if k.startswith(f"{index}.image_level.aux"))
+        if name.startswith("cropformer"):  # the release recorded every aux prediction's logits
+            assert len(recorded_aux) == len(image["aux"]) == 3
+            pairs += [
+                (aux["logits"][0], reference[f"{index}.image_level.aux{k}.pred_logits"])
+                for k, aux in enumerate(image["aux"])
+            ]
+        else:  # its Mask2Former reference holds the final prediction only
+            assert recorded_aux == []
         if name.startswith("cropformer"):
             pairs += [
                 (batch["logits"][0, 0], reference[f"{index}.batch_level.pred_logits"][0]),
@@ -175,9 +179,10 @@ def test_predict_cli_reproduces_the_release(converted, shared_data, tmp_path, na
         ):
             a = mask_utils.decode(prediction["segmentation"]).astype(bool)
             b = mask_utils.decode(rle).astype(bool)
-            union = (a | b).sum()
-            assert union == 0 or (a & b).sum() / union >= 0.99
-            assert prediction["score"] == pytest.approx(score, abs=1e-4)
+            # our network's outputs differ from the release's by float rounding (~1e-5), which
+            # can flip a pixel whose fused probability is 0.5 (measured: 2 of 72 masks, 1 pixel)
+            assert (a ^ b).sum() <= 2
+            assert prediction["score"] == pytest.approx(score, abs=1e-6)
 
 
 @pytest.mark.parametrize("name", KEY_LISTS)
@@ -317,12 +322,41 @@ def test_evaluate_with_release_compat_gives_the_release_entities(converted, coco
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = json.loads((tmp_path / "run/table7.json").read_text())
-    assert row["mode"] == "batch_oc" and 0 <= row["AP"] <= 100
+    assert row["mode"] == "batch_oc"
     predictions = json.loads((tmp_path / "run" / row["predictions"]).read_text())
     file_ids = {i["file_name"]: i["id"] for i in json.loads(gt.read_text())["images"]}
+    # AP^e of the release's own entities, scored by pycocotools directly (class-agnostic)
+    expected = release_entities_ap(gt, folder / "entities.json", file_ids)
+    for key in ("AP", "AP50", "AP75"):
+        assert row[key] == pytest.approx(expected[key], abs=1e-9), key
     for record in json.loads((folder / "entities.json").read_text()):
         ours = [p for p in predictions if p["image_id"] == file_ids[record["file_name"]]]
         assert [p["segmentation"]["counts"] for p in ours] == [
             s["counts"] for s in record["segmentations"]
         ]
         assert [p["score"] for p in ours] == pytest.approx(record["scores"], abs=1e-4)
+
+
+def release_entities_ap(gt_json, entities_json, file_ids: dict) -> dict[str, float]:
+    """COCO mask AP (x100) of the release's entities against the entity json, computed with
+    pycocotools alone: every ground truth and prediction in one category, areas from masks."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    data = json.loads(gt_json.read_text())
+    for annotation in data["annotations"]:
+        annotation["category_id"] = 1
+    data["categories"] = [{"id": 1, "name": "entity"}]
+    ground_truth = COCO()
+    ground_truth.dataset = data
+    ground_truth.createIndex()
+    results = [
+        {"image_id": file_ids[r["file_name"]], "category_id": 1, "segmentation": s, "score": p}
+        for r in json.loads(entities_json.read_text())
+        for s, p in zip(r["segmentations"], r["scores"], strict=True)
+    ]
+    evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return {key: 100 * evaluator.stats[i] for i, key in enumerate(("AP", "AP50", "AP75"))}

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,12 +260,20 @@ def iter_entity_masks(
 
 
 def panoptic_to_entity_json(
-    panoptic_json: str | Path, panoptic_dir: str | Path, out_json: str | Path
+    panoptic_json: str | Path,
+    panoptic_dir: str | Path,
+    out_json: str | Path,
+    show_progress: bool = False,
 ) -> Path:
     """Convert COCO panoptic annotations to a class-agnostic entity json (RLE, category 1).
 
     Every thing and stuff segment is an entity; crowd segments keep ``iscrowd=1``. Annotation
     ids are the panoptic segment ids made unique across images by renumbering from 1.
+
+    The json is written as it is made, one image's annotations at a time (COCO panoptic
+    train2017 has 118k images: no mask or RLE of another image is held), under a temporary
+    name renamed to ``out_json`` at the end. Its text is that of ``json.dump`` of
+    ``{"images", "annotations", "categories"}``. ``show_progress``: a progress bar on stderr.
     """
     panoptic_json, panoptic_dir = Path(panoptic_json), Path(panoptic_dir)
     with open(panoptic_json) as f:
@@ -272,30 +281,60 @@ def panoptic_to_entity_json(
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise EntityDataError(panoptic_json, "not a COCO panoptic json: no 'images'/'annotations'")
     sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
-    annotations = []
-    for pan in data["annotations"]:
-        png = panoptic_dir / pan["file_name"]
-        ids = _read_panoptic_ids(png)
-        if ids.shape != sizes[pan["image_id"]]:
-            raise EntityDataError(
-                png, f"PNG is {ids.shape} but the image is {sizes[pan['image_id']]}"
-            )
-        for seg in pan["segments_info"]:
-            mask = ids == seg["id"]
-            if not mask.any():
-                raise EntityDataError(png, f"segment {seg['id']} has no pixel")
-            annotations.append(
-                mask_to_annotation(
-                    len(annotations) + 1, pan["image_id"], mask, seg.get("iscrowd", 0)
-                )
-            )
     images = [{k: img[k] for k in ("id", "file_name", "height", "width")} for img in data["images"]]
-    out = {"images": images, "annotations": annotations, "categories": [ENTITY_CATEGORY]}
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(out, f)
+    partial = out_json.with_name(f".{out_json.name}.partial")
+    num_annotations = 0
+    try:
+        with open(partial, "w") as f:
+            f.write('{"images": ' + json.dumps(images) + ', "annotations": [')
+            for pan in _progress(data["annotations"], show_progress):
+                if pan["image_id"] not in sizes:
+                    raise EntityDataError(
+                        panoptic_json, f"annotation of image_id {pan['image_id']}: not in 'images'"
+                    )
+                for ann in _panoptic_entities(
+                    pan, panoptic_dir, sizes[pan["image_id"]], num_annotations + 1
+                ):
+                    f.write((", " if num_annotations else "") + json.dumps(ann))
+                    num_annotations += 1
+            f.write('], "categories": ' + json.dumps([ENTITY_CATEGORY]) + "}")
+        os.replace(partial, out_json)
+    finally:
+        partial.unlink(missing_ok=True)
     return out_json
+
+
+def _panoptic_entities(
+    pan: dict, panoptic_dir: Path, size: tuple[int, int], first_id: int
+) -> list[dict]:
+    """The entity annotations of one panoptic image, ids from ``first_id``."""
+    png = panoptic_dir / pan["file_name"]
+    ids = _read_panoptic_ids(png)
+    if ids.shape != size:
+        raise EntityDataError(png, f"PNG is {ids.shape} but the image is {size}")
+    annotations = []
+    for seg in pan["segments_info"]:
+        mask = ids == seg["id"]
+        if not mask.any():
+            raise EntityDataError(png, f"segment {seg['id']} has no pixel")
+        annotations.append(
+            mask_to_annotation(
+                first_id + len(annotations), pan["image_id"], mask, seg.get("iscrowd", 0)
+            )
+        )
+    return annotations
+
+
+def _progress(items: list, show_progress: bool) -> Iterable:
+    """``items`` in a rich progress bar on stderr (stdout keeps the result), if asked."""
+    if not show_progress:
+        return items
+    from rich.console import Console  # imported lazily: only the command line draws a bar
+    from rich.progress import track
+
+    return track(items, description="panoptic -> entities", console=Console(stderr=True))
 
 
 def _read_panoptic_ids(png: Path) -> np.ndarray:
@@ -327,7 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("panoptic_dir")
     parser.add_argument("out_json")
     args = parser.parse_args(argv)
-    print(panoptic_to_entity_json(args.panoptic_json, args.panoptic_dir, args.out_json))
+    print(
+        panoptic_to_entity_json(
+            args.panoptic_json, args.panoptic_dir, args.out_json, show_progress=True
+        )
+    )
 
 
 if __name__ == "__main__":

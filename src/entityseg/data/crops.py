@@ -2,15 +2,14 @@
 
 CropFormer pairs the full image I^O with crops I^C of ratio delta, all resized to the same
 network size. This module decides *where* the crops are (``crop_boxes``), cuts and resizes an
-image or its masks to a view (``crop_and_resize``), and maps a view's mask back into the
-original image (``paste_into_original``). Boxes are ``(x0, y0, x1, y1)`` integer pixels of the
-original image, x1/y1 exclusive.
+image or its masks to a view (``crop_and_resize``); inference maps views back into the
+original image (:func:`entityseg.inference.fusion.fused_probabilities`). Boxes are
+``(x0, y0, x1, y1)`` integer pixels of the original image, x1/y1 exclusive.
 
 Views are made as the release's mapper makes them (Pillow bilinear for images, Pillow nearest for
 masks, both with half-pixel centres), so its training views are reproduced pixel for pixel.
-Predictions go back with PyTorch ``bilinear`` (``align_corners=False``) / ``nearest-exact``, also
-half-pixel centred, so a crop resized by an integer factor and pasted back lands exactly on the
-pixels it came from.
+Predictions go back with PyTorch ``bilinear`` (``align_corners=False``), also half-pixel
+centred, as the release's ``sem_seg_postprocess``.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 Box = tuple[int, int, int, int]
@@ -209,25 +206,3 @@ def pil_nearest_index(source: int, target: int) -> np.ndarray:
     index = np.minimum(index, source - 1)
     index.flags.writeable = False
     return index
-
-
-def paste_into_original(
-    view: torch.Tensor, box: Sequence[float], original_size: tuple[int, int], mode: str = "bilinear"
-) -> torch.Tensor:
-    """Map a crop view's maps ``[..., h, w]`` into the original image ``[..., H, W]``.
-
-    The view is resized to its box's size and placed at the box; pixels outside the box are 0.
-    Use ``mode="bilinear"`` for probabilities and ``"nearest-exact"`` for binary masks (cast
-    to float first). The box must be integer pixels inside the image.
-    """
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-    height, width = original_size
-    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"box {tuple(box)} is not inside an image of {width}x{height}")
-    lead = view.shape[:-2]
-    flat = view.reshape(-1, 1, *view.shape[-2:])
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    resized = F.interpolate(flat, size=(y1 - y0, x1 - x0), mode=mode, **kwargs)
-    out = view.new_zeros(flat.shape[0], 1, height, width)
-    out[..., y0:y1, x0:x1] = resized
-    return out.reshape(*lead, height, width)

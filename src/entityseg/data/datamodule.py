@@ -85,7 +85,7 @@ class EntityDataModule(L.LightningDataModule):
         persistent_workers: keep the loader workers between epochs (with ``num_workers > 0``).
         crop_delta: crop ratio delta of width and height.
         train_crop_layout: ``random``, ``fixed4`` or ``fixed8`` (one crop is used per image).
-        test_crop_layout: ``fixed4`` or ``fixed8`` (all crops are used).
+        test_crop_layout: ``fixed4``, ``fixed8`` or ``grid`` (all crops are used).
         test_crop_resize: ``same`` (every test view at the full view's size) or ``own`` (each
             crop by its own shortest edge, as the release; set by ``inference.compat=release``).
         train_crop_resize: the same for the training crop (``own``: as the release trains).
@@ -190,7 +190,7 @@ class EntityDataModule(L.LightningDataModule):
             raise ConfigError("crop_delta", hp.crop_delta, "must be in (0, 1]") from None
         for key, allowed, what in (
             ("train_crop_layout", CROP_LAYOUTS, "crop layout"),
-            ("test_crop_layout", ("fixed4", "fixed8"), "crop layout"),
+            ("test_crop_layout", ("fixed4", "fixed8", "grid"), "crop layout"),
             ("test_crop_resize", CROP_RESIZE_MODES, "crop resize"),
             ("train_crop_resize", CROP_RESIZE_MODES, "crop resize"),
             ("train_augmentation", AUGMENTATIONS, "augmentation"),

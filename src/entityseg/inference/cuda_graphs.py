@@ -21,6 +21,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from entityseg.config import ConfigError
+
 #: Eager passes before a capture: they compile Triton kernels, pick cuDNN / cuBLAS algorithms
 #: and warm the caching allocator, none of which may happen during the capture.
 WARMUP_PASSES = 2
@@ -93,9 +95,9 @@ class CudaGraphForward:
 
 
 def check_cuda_graphs(enabled: object) -> None:
-    """Stop at once, in one line, on an ``inference.cuda_graphs`` that is not a boolean."""
+    """Raise :class:`ConfigError` on an ``inference.cuda_graphs`` that is not a boolean."""
     if not isinstance(enabled, bool):
-        raise SystemExit(f"config error: inference.cuda_graphs={enabled!r} must be true or false")
+        raise ConfigError("inference.cuda_graphs", enabled, "must be true or false")
 
 
 def graphed(net: nn.Module, enabled: bool, device: torch.device) -> nn.Module | CudaGraphForward:

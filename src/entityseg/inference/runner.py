@@ -22,6 +22,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
+from entityseg.config import ConfigError
 from entityseg.data.views import SIZE_DIVISIBILITY
 from entityseg.inference.fusion import Entities, fuse_entities
 
@@ -39,11 +40,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def check_precision(precision: str) -> None:
-    """Stop at once, in one line, on an ``inference.precision`` that is not fp32 or bf16."""
+    """Raise :class:`ConfigError` on an ``inference.precision`` that is not fp32 or bf16."""
     if precision not in PRECISIONS:
-        raise SystemExit(
-            f"config error: inference.precision={precision!r} is unknown; expected one of "
-            f"{list(PRECISIONS)}"
+        raise ConfigError(
+            "inference.precision", precision, f"is unknown; expected one of {list(PRECISIONS)}"
         )
 
 
@@ -61,7 +61,7 @@ def inference_precision(device: torch.device | str, precision: str = "fp32") -> 
 
 
 def resolve_view_chunk(view_chunk: int | str | None, device: torch.device | str) -> int | None:
-    """``inference.view_chunk`` as ``CropFormer.forward`` takes it, or one clear config error.
+    """``inference.view_chunk`` as ``CropFormer.forward`` takes it, or a :class:`ConfigError`.
 
     ``auto``: one view at a time on the CPU, where the views' activations dominate the peak
     memory and a bigger batch gains little speed; all views at once on a GPU, where each extra
@@ -71,9 +71,7 @@ def resolve_view_chunk(view_chunk: int | str | None, device: torch.device | str)
         return 1 if torch.device(device).type == "cpu" else None
     if view_chunk is None or (type(view_chunk) is int and view_chunk >= 1):
         return view_chunk
-    raise SystemExit(
-        f"config error: inference.view_chunk={view_chunk!r} must be auto, null or an integer >= 1"
-    )
+    raise ConfigError("inference.view_chunk", view_chunk, "must be auto, null or an integer >= 1")
 
 
 def float_outputs(outputs: dict) -> dict:
@@ -156,6 +154,45 @@ def _views_input(batch: dict, views: int | None) -> torch.Tensor:
     return images
 
 
+def infer_batch(
+    net: nn.Module | Callable[..., dict],
+    batch: dict,
+    modes: Sequence[str],
+    device: torch.device,
+    max_entities: int = 100,
+    overlapping: bool = False,
+    query_chunk: int = 16,
+    precision: str = "fp32",
+    compat: str = "entityseg",
+    view_chunk: int | None = None,
+) -> tuple[dict[str, list[Entities]], dict[str, float]]:
+    """Entities of every image of one collated test batch, per mode, and the forward time (ms)
+    per image of each mode: the one inference step of ``evaluate``, ``predict`` and validation.
+
+    Image-O runs the network on the full view alone (the single-scale baseline, as released);
+    the batch modes share one forward of all views. ``view_chunk`` must be resolved
+    (:func:`resolve_view_chunk`); the other settings are those of :func:`run_modes`.
+    """
+    passes = []  # (modes, views used, batch decoder)
+    if "image_o" in modes:  # the single-scale baseline sees the full view only
+        passes.append((["image_o"], 1, False))
+    if batch_modes := [m for m in modes if m != "image_o"]:
+        passes.append((batch_modes, None, True))
+    entities: dict[str, list[Entities]] = {}
+    forward_ms: dict[str, float] = {}
+    for pass_modes, views, batch_level in passes:
+        images = _views_input(batch, views).to(device)
+        with inference_precision(device, precision):
+            outputs, ms = timed_forward(net, images, batch_level, view_chunk)
+        entities.update(
+            fuse_modes(
+                outputs, batch, pass_modes, max_entities, overlapping, query_chunk, views, compat
+            )
+        )
+        forward_ms.update({mode: ms / images.shape[0] for mode in pass_modes})
+    return entities, forward_ms
+
+
 @torch.inference_mode()
 def run_modes(
     net: nn.Module | Callable[..., dict],
@@ -181,21 +218,21 @@ def run_modes(
     check_precision(precision)
     view_chunk = resolve_view_chunk(view_chunk, device)
     results = {mode: ModeResults() for mode in modes}
-    passes = []  # (modes, views used, batch decoder)
-    if "image_o" in modes:  # the single-scale baseline sees the full view only
-        passes.append((["image_o"], 1, False))
-    if batch_modes := [m for m in modes if m != "image_o"]:
-        passes.append((batch_modes, None, True))
     for batch in track(batches, description=description) if show_progress else batches:
-        for pass_modes, views, batch_level in passes:
-            images = _views_input(batch, views).to(device)
-            with inference_precision(device, precision):
-                outputs, ms = timed_forward(net, images, batch_level, view_chunk)
-            fused_by_mode = fuse_modes(
-                outputs, batch, pass_modes, max_entities, overlapping, query_chunk, views, compat
-            )
-            for mode, fused in fused_by_mode.items():
-                results[mode].forward_ms.extend([ms / len(fused)] * len(fused))
-                for image_id, entities in zip(batch["image_ids"].tolist(), fused, strict=True):
-                    results[mode].entities[image_id] = entities
+        fused, forward_ms = infer_batch(
+            net,
+            batch,
+            modes,
+            device,
+            max_entities,
+            overlapping,
+            query_chunk,
+            precision,
+            compat,
+            view_chunk,
+        )
+        for mode in modes:
+            results[mode].forward_ms.extend([forward_ms[mode]] * len(fused[mode]))
+            for image_id, entities in zip(batch["image_ids"].tolist(), fused[mode], strict=True):
+                results[mode].entities[image_id] = entities
     return results
