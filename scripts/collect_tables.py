@@ -1,13 +1,16 @@
 """Collect a Hydra multirun into the paper's tables (markdown + csv), paper numbers beside ours.
 
-    python scripts/collect_tables.py outputs/train/multiruns/<time> [--metric-split test]
+    python scripts/collect_tables.py outputs/train/multiruns/<time> [--metric-split auto]
 
 Reads each run's ``.hydra/overrides.yaml`` (the swept values) and ``metrics.json`` (written by
 ``entityseg.train``), and writes ``table.md`` and ``table.csv`` into the multirun folder. The
 swept keys decide the table: ``inference.modes`` (Table 7, from ``entityseg.evaluate -m``),
 ``data.crop_delta`` (Table 9a), ``data.train_crop_layout`` /
 ``data.test_crop_layout`` (Table 9b), ``model.net.association.*`` (Table 9c); other sweeps get
-a plain table without paper numbers.
+a plain table without paper numbers. Our AP^e comes from the split the runs logged
+(``--metric-split auto``: ``test`` when every run has test metrics, else ``val``; the split
+is named in the header); a run without that metric stops the collection with one line naming
+it, instead of leaving a blank cell.
 """
 
 from __future__ import annotations
@@ -73,15 +76,39 @@ def swept_keys(runs) -> list[str]:
     return [k for k in keys if len({r[0].get(k) for r in runs}) > 1]
 
 
+def metric_split(runs, requested: str, mode: str) -> str:
+    """``val`` or ``test``: the requested split, or with ``auto`` the one every run logged."""
+    if requested != "auto":
+        return requested
+    for split in ("test", "val"):
+        if all(
+            _run_metric(overrides, metrics, split, mode, "ap") is not None
+            for overrides, metrics in runs
+        ):
+            return split
+    return "val"  # the table reports which run lacks it
+
+
+def _run_metric(overrides, metrics, split: str, mode: str, name: str) -> float | None:
+    run_mode = overrides.get("inference.modes", f"[{mode}]").strip("[]")  # Table 7 sweeps
+    return metrics.get(f"{split}/{name}_{run_mode}")
+
+
 def table(runs, split: str, mode: str = "batch_oc") -> tuple[list[str], list[list]]:
     keys = swept_keys(runs)
     paper = PAPER.get(",".join(keys), {})
-    header = [NAMES.get(k, k) for k in keys] + ["AP^e", "AP^e_50", "AP^e_75", "paper AP^e"]
+    names = ("AP^e", "AP^e_50", "AP^e_75")
+    header = [NAMES.get(k, k) for k in keys] + [f"{n} ({split})" for n in names] + ["paper AP^e"]
     rows = []
     for overrides, metrics in runs:
         values = tuple(overrides[k] for k in keys)
-        run_mode = overrides.get("inference.modes", f"[{mode}]").strip("[]")  # Table 7 sweeps
-        ours = [metrics.get(f"{split}/{name}_{run_mode}") for name in ("ap", "ap50", "ap75")]
+        ours = [_run_metric(overrides, metrics, split, mode, n) for n in ("ap", "ap50", "ap75")]
+        if any(value is None for value in ours):
+            raise SystemExit(
+                f"run {dict(overrides)} logged no {split} AP^e of {mode} (metrics.json keys: "
+                f"{sorted(metrics)}): validate it (trainer.check_val_every_n_epoch) or choose "
+                "--metric-split"
+            )
         paper_value = paper.get(tuple(v.lower() for v in values))
         rows.append([*values, *map(_number, ours), _number(paper_value)])
     return header, rows
@@ -94,10 +121,11 @@ def _number(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("multirun", type=Path)
-    parser.add_argument("--metric-split", default="test", choices=["val", "test"])
+    parser.add_argument("--metric-split", default="auto", choices=["auto", "val", "test"])
     parser.add_argument("--mode", default="batch_oc")
     args = parser.parse_args()
-    header, rows = table(read_runs(args.multirun), args.metric_split, args.mode)
+    runs = read_runs(args.multirun)
+    header, rows = table(runs, metric_split(runs, args.metric_split, args.mode), args.mode)
     markdown = "\n".join(
         ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         + ["| " + " | ".join(map(str, row)) + " |" for row in rows]

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from conftest import REPO, collected_table, run_python
 from entityseg.predict import check_unique_stems, find_images, read_results
@@ -59,12 +61,31 @@ def test_evaluate_writes_predictions_and_table7(checkpoint, tmp_path):
         # one line per mode while pycocotools scores it
         assert f"scoring mode {number}/4, {name} ({row['mode']})" in result.stdout + result.stderr
     assert "| Batch-OC |" in (out / "table7.md").read_text()
-    gt = COCO(str(tmp_path / "data/synthetic/val/annotations.json"))
+    gt_json = tmp_path / "data/synthetic/val/annotations.json"
     for row in rows:
         predictions = json.loads((out / row["predictions"]).read_text())
         assert predictions and all(p["category_id"] == 1 for p in predictions)
-        gt.loadRes(predictions)  # opens in pycocotools as it is
-        assert row["forward_ms"] > 0 and 0 <= row["AP"] <= 100
+        assert row["forward_ms"] > 0
+        # the table's AP^e is pycocotools' own on the written file (opened as it is)
+        expected = pycocotools_ap(gt_json, predictions)
+        assert [row[k] for k in ("AP", "AP50", "AP75")] == pytest.approx(expected, abs=1e-9)
+
+
+def pycocotools_ap(gt_json, predictions: list[dict]) -> list[float]:
+    """AP, AP50, AP75 (x100) by pycocotools alone, every entity in one category."""
+    data = json.loads(Path(gt_json).read_text())
+    for annotation in data["annotations"]:
+        annotation["category_id"] = 1
+    data["categories"] = [{"id": 1, "name": "entity"}]
+    gt = COCO()
+    gt.dataset = data
+    gt.createIndex()
+    results = [{k: v for k, v in p.items() if k != "bbox"} for p in predictions]
+    evaluator = COCOeval(gt, gt.loadRes(results), iouType="segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return [100 * evaluator.stats[i] for i in range(3)]
 
 
 def test_evaluate_refuses_unknown_mode_and_missing_checkpoint(checkpoint, tmp_path):
@@ -226,7 +247,7 @@ def test_table7_sweep_from_one_checkpoint(checkpoint, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = collected_table(tmp_path / "sweep")
-    assert lines[0].startswith("| mode | AP^e |")
+    assert lines[0].startswith("| mode | AP^e (test) | AP^e_50 (test) | AP^e_75 (test) |")
     assert [line.split(" | ")[0] for line in lines[2:]] == [
         "| [image_o]",
         "| [batch_o]",
@@ -234,3 +255,8 @@ def test_table7_sweep_from_one_checkpoint(checkpoint, tmp_path):
         "| [batch_oc]",
     ]
     assert lines[-1].endswith("| 41.0 |")
+    for line, run in zip(
+        lines[2:], sorted((tmp_path / "sweep").glob("*/table7.json")), strict=True
+    ):
+        (row,) = json.loads(run.read_text())  # each run evaluated one mode
+        assert line.split(" | ")[1:4] == [f"{row[k]:.1f}" for k in ("AP", "AP50", "AP75")]

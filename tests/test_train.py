@@ -123,14 +123,31 @@ def test_a_small_sweep_and_its_table(tmp_path):
         "hparams_search=table9_delta",
         "hydra.sweeper.params={data.crop_delta:'0.6,0.7'}",
         "trainer.max_steps=2",
+        "trainer.check_val_every_n_epoch=1",  # one epoch (2 steps), validated: val metrics
         f"paths.data_dir={tmp_path}/data",
         f"hydra.sweep.dir={tmp_path}/sweep",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = collected_table(tmp_path / "sweep")
-    assert lines[0].startswith("| delta | AP^e |")
+    lines = collected_table(tmp_path / "sweep")  # the demo runs no test: val metrics
+    assert lines[0].startswith("| delta | AP^e (val) | AP^e_50 (val) | AP^e_75 (val) |")
     assert lines[2].startswith("| 0.6 |") and lines[2].endswith("| 40.2 |")
     assert lines[3].startswith("| 0.7 |") and lines[3].endswith("| 41.0 |")
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    for line, run in zip(lines[2:], runs, strict=True):  # our numbers, as the runs logged them
+        metrics = json.loads(run.read_text())
+        assert line.split(" | ")[1:4] == [
+            f"{metrics[f'val/{name}_batch_oc']:.1f}" for name in ("ap", "ap50", "ap75")
+        ]
+
+
+def test_collecting_runs_without_the_metric_fails_loudly(tmp_path):
+    run = tmp_path / "sweep/0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra/overrides.yaml").write_text("- data.crop_delta=0.6\n")
+    (run / "metrics.json").write_text(json.dumps({"train/loss": 1.0}))
+    result = run_python("scripts/collect_tables.py", tmp_path / "sweep", timeout=120)
+    assert result.returncode != 0
+    assert "logged no val AP^e of batch_oc" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(

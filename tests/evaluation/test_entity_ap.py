@@ -21,10 +21,12 @@ from pycocotools.cocoeval import COCOeval
 from conftest import run_python
 from entityseg.evaluation.entity_ap import (
     METRIC_NAMES,
+    RANK_STATE,
     STATE_NAMES,
     EntityAP,
     class_agnostic_results,
     decode_predictions,
+    drop_padding,
     evaluate,
     main,
 )
@@ -331,14 +333,37 @@ def test_metric_over_batches_equals_evaluate(gt_path):
         assert metric.compute() == evaluate(gt_path, [])
 
 
-def test_metric_ignores_images_repeated_by_distributed_padding(gt_path):
+def test_identical_predictions_of_one_image_are_all_scored(gt_path):
+    """``overlapping=true`` can predict the same mask twice: both count (no dedup by value)."""
     predictions = noisy_predictions(4)
-    padded = EntityAP(gt_path)
-    padded.update(predictions)
     repeated = [p for p in predictions if p["image_id"] == predictions[0]["image_id"]]
-    padded.update(repeated)
     assert evaluate(gt_path, predictions + repeated) != evaluate(gt_path, predictions)
-    assert padded.compute() == evaluate(gt_path, predictions)
+    metric = EntityAP(gt_path)
+    metric.update(predictions)
+    metric.update(repeated)  # the same rank: not padding
+    assert metric.compute() == evaluate(gt_path, predictions + repeated)
+
+
+def test_padding_is_an_image_scored_on_a_second_rank(gt_path, monkeypatch):
+    """What the distributed sampler repeats comes back from another rank: dropped by image."""
+    from entityseg.evaluation import entity_ap
+
+    predictions = noisy_predictions(4)
+    first = predictions[0]["image_id"]
+    repeated = [p for p in predictions if p["image_id"] == first]
+    ranks = []
+    for rank, batch in enumerate([predictions, repeated]):
+        monkeypatch.setattr(entity_ap, "_current_rank", lambda rank=rank: rank)
+        metric = EntityAP(gt_path)
+        metric.update(batch)
+        ranks.append(metric)
+    synced = EntityAP(gt_path)
+    synced.update([])
+    for name in (*STATE_NAMES, RANK_STATE):  # what ``_sync_dist`` leaves behind
+        setattr(synced, name, torch.cat([torch.cat(getattr(r, name)) for r in ranks]))
+    assert synced.compute() == evaluate(gt_path, predictions)
+    kept = drop_padding(predictions + repeated, [0] * len(predictions) + [1] * len(repeated))
+    assert kept == predictions
 
 
 def test_metric_state_round_trip_keeps_order_and_values():
@@ -363,7 +388,8 @@ def test_metric_after_simulated_all_gather_evaluates_the_union(gt_path):
             metric.update(batch)
         ranks.append(metric)
     gathered = {
-        name: torch.cat([torch.cat(getattr(rank, name)) for rank in ranks]) for name in STATE_NAMES
+        name: torch.cat([torch.cat(getattr(rank, name)) for rank in ranks])
+        for name in (*STATE_NAMES, RANK_STATE)
     }
     assert decode_predictions(gathered) == class_agnostic_results(predictions)
     synced = EntityAP(gt_path)
@@ -387,7 +413,13 @@ def _ddp_worker(rank: int, init_file: str, gt_path: str, shards, out_dir: str) -
 @pytest.mark.slow
 def test_metric_syncs_over_two_gloo_processes(gt_path, tmp_path):
     predictions = noisy_predictions(12)
-    shards = [[predictions[:5], predictions[5:7]], [[], predictions[7:]]]
+    # each image on one rank, as the sampler deals them; rank 1 also scores a repeat of one of
+    # rank 0's images: the sampler's padding
+    images = sorted({p["image_id"] for p in predictions})
+    on_rank_0 = [p for p in predictions if p["image_id"] in images[: len(images) // 2]]
+    on_rank_1 = [p for p in predictions if p["image_id"] in images[len(images) // 2 :]]
+    padding = [p for p in on_rank_0 if p["image_id"] == on_rank_0[0]["image_id"]]
+    shards = [[on_rank_0[:3], on_rank_0[3:]], [[], on_rank_1 + padding]]
     mp.spawn(
         _ddp_worker,
         args=(str(tmp_path / "store"), str(gt_path), shards, str(tmp_path)),

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchmetrics import Metric
@@ -259,6 +260,8 @@ def _predictions_and_source(predictions: list[dict] | str | Path) -> tuple[str, 
 
 #: The metric's state lists, one tensor per ``update`` each, in the order they are decoded.
 STATE_NAMES = ("image_ids", "scores", "mask_heights", "mask_widths", "counts_lengths", "counts")
+#: A further state: the DDP rank that made each prediction (to drop the sampler's padding).
+RANK_STATE = "ranks"
 
 
 def encode_predictions(predictions: Sequence[Mapping], device: torch.device | str = "cpu") -> dict:
@@ -319,15 +322,24 @@ def decode_predictions(states: Mapping[str, torch.Tensor]) -> list[dict]:
     ]
 
 
-def unique_predictions(predictions: list[dict]) -> list[dict]:
-    """Drop exact repeats (same image, RLE and score), keeping the first of each, in order."""
-    seen, unique = set(), []
-    for p in predictions:
-        key = (p["image_id"], p["score"], p["segmentation"]["counts"])
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
+def drop_padding(predictions: list[dict], ranks: Sequence[int]) -> list[dict]:
+    """The predictions of each image from one rank only: the first rank that made any.
+
+    ``DistributedSampler`` pads the ranks to equal length by repeating the first samples, and
+    a repeated sample always lands on another rank than its original (the same rank only when
+    there is no padding). So an image scored on two ranks is padding, whatever its predictions
+    are; within a rank every prediction is kept, identical ones included (``overlapping``).
+    """
+    owner: dict[int, int] = {}
+    kept = []
+    for prediction, rank in zip(predictions, ranks, strict=True):
+        if owner.setdefault(prediction["image_id"], rank) == rank:
+            kept.append(prediction)
+    return kept
+
+
+def _current_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _counts_bytes(counts: str | bytes) -> bytes:
@@ -343,8 +355,9 @@ class EntityAP(Metric):
     float64 scores, mask sizes, RLE-count lengths, and the RLE counts' bytes as uint8), and the
     ``cat`` reduction concatenates them rank after rank; ``compute`` decodes them back into COCO
     results and runs :func:`evaluate`. Lightning's distributed sampler pads the ranks with
-    repeated images, whose predictions come back bit-identical: exact duplicates (same image,
-    mask and score) are dropped before scoring, so padding does not count an image twice.
+    repeated images: each prediction also records its rank, and an image's predictions are
+    kept from the first rank that scored it only (:func:`drop_padding`), so padding does not
+    count an image twice while identical predictions of one image (``overlapping``) stay.
     ``update`` appends even for an empty list, so that every rank that saw a batch has tensors
     of the right dtype to gather; call it at least once on every rank. ``forward`` would run the
     whole evaluation per batch: use ``update``.
@@ -357,24 +370,29 @@ class EntityAP(Metric):
     def __init__(self, gt_json_path: str | Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gt_json_path = Path(gt_json_path)
-        for name in STATE_NAMES:
+        for name in (*STATE_NAMES, RANK_STATE):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, predictions: list[dict]) -> None:
         """Keep the COCO results of a batch (``image_id``, RLE ``segmentation``, ``score``)."""
-        for name, tensor in encode_predictions(predictions, self.device).items():
+        encoded = encode_predictions(predictions, self.device)
+        for name, tensor in encoded.items():
             getattr(self, name).append(tensor)
+        ranks = torch.full_like(encoded["image_ids"], _current_rank())
+        getattr(self, RANK_STATE).append(ranks)
 
     def compute(self) -> dict[str, float]:
-        """:func:`evaluate` on every kept prediction."""
-        predictions = decode_predictions(self._concatenated_states())
-        return evaluate(self.gt_json_path, unique_predictions(predictions))
+        """:func:`evaluate` on every kept prediction (the sampler's padding dropped)."""
+        states = self._concatenated_states()
+        predictions = decode_predictions(states)
+        return evaluate(self.gt_json_path, drop_padding(predictions, states[RANK_STATE].tolist()))
 
     def _concatenated_states(self) -> dict[str, torch.Tensor]:
         """Each state as one tensor: a list locally, already one tensor after a DDP sync."""
-        states = {name: getattr(self, name) for name in STATE_NAMES}
+        states = {name: getattr(self, name) for name in (*STATE_NAMES, RANK_STATE)}
         if any(isinstance(value, list) and not value for value in states.values()):
-            return encode_predictions([])
+            empty = encode_predictions([])
+            return {**empty, RANK_STATE: empty["image_ids"]}
         return {name: dim_zero_cat(value) for name, value in states.items()}
 
 
