@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -107,3 +108,25 @@ def collected_table(multirun: Path) -> list[str]:
     )
     assert result.returncode == 0, result.stderr
     return (multirun / "table.md").read_text().splitlines()
+
+
+def pycocotools_ap(gt_json: Path, predictions: list[dict]) -> dict[str, float]:
+    """AP, AP50, AP75 (x100) of COCO results by pycocotools alone, the independent reference
+    for our AP^e: every ground truth and prediction in one category, areas from the masks."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    data = json.loads(Path(gt_json).read_text())
+    for annotation in data["annotations"]:
+        annotation["category_id"] = 1
+    data["categories"] = [{"id": 1, "name": "entity"}]
+    ground_truth = COCO()
+    ground_truth.dataset = data
+    ground_truth.createIndex()
+    results = [{**p, "category_id": 1} for p in predictions]
+    results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return {key: 100 * evaluator.stats[i] for i, key in enumerate(("AP", "AP50", "AP75"))}

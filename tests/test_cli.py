@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from conftest import REPO, collected_table, run_python
+from conftest import REPO, collected_table, pycocotools_ap, run_python
 from entityseg.predict import check_unique_stems, find_images, read_results
 
 SMALL_DATA = [
@@ -68,24 +66,7 @@ def test_evaluate_writes_predictions_and_table7(checkpoint, tmp_path):
         assert row["forward_ms"] > 0
         # the table's AP^e is pycocotools' own on the written file (opened as it is)
         expected = pycocotools_ap(gt_json, predictions)
-        assert [row[k] for k in ("AP", "AP50", "AP75")] == pytest.approx(expected, abs=1e-9)
-
-
-def pycocotools_ap(gt_json, predictions: list[dict]) -> list[float]:
-    """AP, AP50, AP75 (x100) by pycocotools alone, every entity in one category."""
-    data = json.loads(Path(gt_json).read_text())
-    for annotation in data["annotations"]:
-        annotation["category_id"] = 1
-    data["categories"] = [{"id": 1, "name": "entity"}]
-    gt = COCO()
-    gt.dataset = data
-    gt.createIndex()
-    results = [{k: v for k, v in p.items() if k != "bbox"} for p in predictions]
-    evaluator = COCOeval(gt, gt.loadRes(results), iouType="segm")
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return [100 * evaluator.stats[i] for i in range(3)]
+        assert [row[k] for k in expected] == pytest.approx(list(expected.values()), abs=1e-9)
 
 
 def test_evaluate_refuses_unknown_mode_and_missing_checkpoint(checkpoint, tmp_path):

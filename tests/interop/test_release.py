@@ -13,7 +13,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from conftest import run_python
+from conftest import pycocotools_ap, run_python
 from entityseg.inference.fusion import fuse_entities
 from entityseg.interop.release import (
     ReleaseConversionError,
@@ -326,7 +326,12 @@ def test_evaluate_with_release_compat_gives_the_release_entities(converted, coco
     predictions = json.loads((tmp_path / "run" / row["predictions"]).read_text())
     file_ids = {i["file_name"]: i["id"] for i in json.loads(gt.read_text())["images"]}
     # AP^e of the release's own entities, scored by pycocotools directly (class-agnostic)
-    expected = release_entities_ap(gt, folder / "entities.json", file_ids)
+    release = [
+        {"image_id": file_ids[r["file_name"]], "segmentation": rle, "score": score}
+        for r in json.loads((folder / "entities.json").read_text())
+        for rle, score in zip(r["segmentations"], r["scores"], strict=True)
+    ]
+    expected = pycocotools_ap(gt, release)
     for key in ("AP", "AP50", "AP75"):
         assert row[key] == pytest.approx(expected[key], abs=1e-9), key
     for record in json.loads((folder / "entities.json").read_text()):
@@ -335,28 +340,3 @@ def test_evaluate_with_release_compat_gives_the_release_entities(converted, coco
             s["counts"] for s in record["segmentations"]
         ]
         assert [p["score"] for p in ours] == pytest.approx(record["scores"], abs=1e-4)
-
-
-def release_entities_ap(gt_json, entities_json, file_ids: dict) -> dict[str, float]:
-    """COCO mask AP (x100) of the release's entities against the entity json, computed with
-    pycocotools alone: every ground truth and prediction in one category, areas from masks."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    data = json.loads(gt_json.read_text())
-    for annotation in data["annotations"]:
-        annotation["category_id"] = 1
-    data["categories"] = [{"id": 1, "name": "entity"}]
-    ground_truth = COCO()
-    ground_truth.dataset = data
-    ground_truth.createIndex()
-    results = [
-        {"image_id": file_ids[r["file_name"]], "category_id": 1, "segmentation": s, "score": p}
-        for r in json.loads(entities_json.read_text())
-        for s, p in zip(r["segmentations"], r["scores"], strict=True)
-    ]
-    evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="segm")
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return {key: 100 * evaluator.stats[i] for i, key in enumerate(("AP", "AP50", "AP75"))}

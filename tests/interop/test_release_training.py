@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -78,7 +77,7 @@ class Step:
     losses: dict
     criterion: torch.nn.Module
     module: CropFormerModule
-    path: Path  # the converted checkpoint
+    views: dict  # the converted checkpoint's view settings (pixel mean / std)
 
 
 def release_views(reference: dict, pixel_mean, pixel_std) -> torch.Tensor:
@@ -153,7 +152,7 @@ def step(request, shared_data, tmp_path_factory) -> Step:
     losses = criterion(outputs, targets)
     losses["loss"].backward()
     names = name_table(reference["grad_norms"], net_config)
-    return Step(name, reference, net, names, targets, outputs, losses, criterion, module, path)
+    return Step(name, reference, net, names, targets, outputs, losses, criterion, module, views)
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +173,14 @@ def release_draws_batch(step: Step, photos) -> dict:
     the release experiments' switches (crop sized by its own edge, invisible entities kept;
     LSJ masks padded with 1). Sizes: the reference runs' MIN/MAX_SIZE_TRAIN, IMAGE_SIZE."""
     reference, lsj = step.reference, step.name.startswith("mask2former")
-    config = read_checkpoint(step.path)[TEST_VIEWS_KEY]
     cfg = ViewConfig(
         short_sizes=(160,),
         max_size=256,
         crop_layout="fixed4",
         crop_delta=0.7,
         flip_prob=0.5,
-        pixel_mean=tuple(config["pixel_mean"]),
-        pixel_std=tuple(config["pixel_std"]),
+        pixel_mean=tuple(step.views["pixel_mean"]),
+        pixel_std=tuple(step.views["pixel_std"]),
         crop_resize="own",
         augmentation="lsj" if lsj else "crop_views",
         lsj_image_size=256,
@@ -224,8 +222,7 @@ def test_our_pipeline_with_the_release_draws_gives_its_step(step, photos):
     """From the photos, our views, padding and targets are the release's network input and
     criterion targets, and the loss on them is its loss."""
     batch = release_draws_batch(step, photos)
-    views = read_checkpoint(step.path)[TEST_VIEWS_KEY]
-    expected = release_views(step.reference, views["pixel_mean"], views["pixel_std"])
+    expected = release_views(step.reference, step.views["pixel_mean"], step.views["pixel_std"])
     assert torch.equal(batch["images"], expected)
     for ours, recorded in zip(batch["targets"], step.targets, strict=True):
         for view, recorded_view in zip(ours, recorded, strict=True):
