@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+#: The Hydra configs, as an absolute path so every entry point finds them however it starts
+#: (``python -m``, a console script, an installed wheel): ``src/entityseg/conf`` links to the
+#: checkout's top-level ``conf/``, and the wheel carries a copy of it.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 class ConfigError(ValueError):
@@ -47,9 +53,8 @@ def exits_on_config_error(entry: _Entry) -> _Entry:
     """A CLI entry point whose :class:`ConfigError` becomes ``config error: <key>=<value>: ...``
     on one line and a non-zero exit, instead of a traceback.
 
-    Goes under ``@hydra.main`` (Hydra reports exceptions itself). Under ``python -m``, Hydra
-    resolves ``config_path`` from the file of the function it wraps, this one: this module
-    must stay in the folder of the entry points (``src/entityseg``).
+    Goes under ``@hydra.main`` (Hydra reports exceptions itself), with
+    ``config_path=CONFIG_DIR``.
     """
 
     @functools.wraps(entry)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from entityseg.config import exits_on_config_error, instantiate_checked
+from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.evaluate import markdown_table, table_rows
 from entityseg.inference.runner import run_modes
@@ -61,7 +61,7 @@ def save_pictures(results, datamodule, out_dir: Path) -> None:
         Image.fromarray(panel).save(out_dir / f"{record.path.stem}.jpg", quality=90)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exits_on_config_error
 def main(cfg: DictConfig) -> None:
     metrics, best = train(cfg)

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from entityseg.config import exits_on_config_error, instantiate_checked
+from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
 from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
 from entityseg.inference.fusion import INFERENCE_MODES, check_compat, to_coco_results
@@ -136,7 +136,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 @exits_on_config_error
 def main(cfg: DictConfig) -> float:
     check_modes(cfg.inference.modes)

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from rich.progress import track
 
-from entityseg.config import exits_on_config_error
+from entityseg.config import CONFIG_DIR, exits_on_config_error
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.data.datamodule import test_view_config
 from entityseg.data.errors import EntityDataError
@@ -221,7 +221,7 @@ def write_predictions(
     return num_entities, num_images
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @exits_on_config_error
 def main(cfg: DictConfig) -> None:
     check_modes([cfg.inference.mode])

@@ -19,7 +19,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from entityseg.config import exits_on_config_error, instantiate_checked
+from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.models.checkpoint import fine_tuning_net_config, read_checkpoint, stored_net_config
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _best_checkpoint(trainer: L.Trainer) -> str:
     return next((p for p in paths if p), "")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exits_on_config_error
 def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
