@@ -3,7 +3,7 @@
     python scripts/benchmark.py --backbone swin_tiny|swin_large --height H --width W
         --device cpu|cuda --threads T --precision fp32|bf16 --runs N --json OUT.json
         [--warmup 1] [--tasks forward end_to_end train_step dataloader [predict_memory]]
-        [--views 1 5 9] [--high-res] [--experiment demo] [--overrides key=value ...]
+        [--views 1 5 9] [--high-res] [--onnx] [--experiment demo] [--overrides key=value ...]
 
 Writes a JSON list of rows ``{"impl", "task", "mode", "views", "device", "precision", "height",
 "width", "threads", "median_ms", "min_ms", "max_ms", "peak_mem_mb"}`` (plus a few descriptive
@@ -17,11 +17,17 @@ Models, random weights, nothing downloaded:
     ``Mask2FormerConfig`` that mirrors the entityseg net (Swin sizes of the backbone, hidden and
     mask dims, deformable-encoder layers, heads, FFN dims, queries, ``num_labels=1``; HF's
     ``decoder_layers`` counts the prediction on the learnable queries: ours + 1). Needs the
-    ``bench`` extra (``pip install -e '.[bench]'``); without it the HF rows are skipped.
+    ``bench`` extra (``pip install -e '.[bench]'``); without it the HF rows are skipped;
+  * ``onnxruntime`` (``--onnx``; CPU, fp32): the entityseg net exported by
+    ``entityseg.export.export_network`` (one ``image_o`` and one ``batch_oc`` file, opset 18,
+    in a temp folder; the export's seconds are in the rows' ``export_s``) and run by
+    :class:`~entityseg.inference.exported.OnnxNetwork` with ``--threads`` intra-op threads.
+    Needs the ``export`` extra.
 
 Tasks (``--tasks``; input ``[1, V, 3, H, W]`` random, zero-padded to a multiple of 32):
   * ``forward``: ``net(images)``; mode ``image_o`` (V = 1, ``batch_level=False``; the HF model
-    runs this one too), ``batch_oc`` with V = 5 (I^O + fixed4 crops) and V = 9 (fixed8);
+    runs this one too), ``batch_oc`` with V = 5 (I^O + fixed4 crops) and V = 9 (fixed8); with
+    ``--onnx`` the exported file beside each (``image_o`` from the image-level file);
   * ``end_to_end``: the forward + ``fuse_entities`` at an original size of H x W (real
     ``crop_boxes``, delta 0.7) + RLE records (``to_coco_results``); with random weights the
     number of entities (and so the fusion/RLE cost) is whatever the untrained net gives;
@@ -37,10 +43,10 @@ Tasks (``--tasks``; input ``[1, V, 3, H, W]`` random, zero-padded to a multiple 
     (V = 9), ``collate_views``, ``run_modes`` (``batch_oc``), RLE records; one run, no warm-up.
 
 Timing: one process; for every run the implementations of a case take turns (entityseg, then
-HF), so drift hits both; ``--warmup`` untimed runs first; median/min/max over ``--runs``. On
-CUDA the timed region is synchronised. Inference runs under ``torch.inference_mode()``;
-``--precision bf16`` puts ``torch.autocast(device, torch.bfloat16)`` around the forward (and
-the criterion), on the CPU too.
+HF, then onnxruntime), so drift hits all; ``--warmup`` untimed runs first; median/min/max over
+``--runs``. On CUDA the timed region is synchronised. Inference runs under
+``torch.inference_mode()``; ``--precision bf16`` puts ``torch.autocast(device,
+torch.bfloat16)`` around the forward (and the criterion), on the CPU too.
 
 Memory, ``peak_mem_mb``: the increase over what the process held just before each timed run
 (weights and inputs excluded), the largest over the runs. CUDA: ``max_memory_allocated`` after
@@ -358,6 +364,30 @@ class Bench:
         self.hf_extra = {"backbone": args.backbone}
         if self.hf is not None:
             self.hf_extra["params_m"] = round(parameters_m(self.hf), 2)
+        self._onnx_dir = tempfile.TemporaryDirectory(prefix="entityseg_onnx_")
+        self.onnx: dict[str, object] = {}  # mode -> OnnxNetwork (--onnx)
+        self.onnx_extra = {"backbone": args.backbone, "params_m": self.extra["params_m"]}
+        if args.onnx and "forward" in args.tasks:
+            modes = sorted({MODE_OF_VIEWS[v] for v in args.views})
+            self.onnx = self.onnx_networks(modes, Path(self._onnx_dir.name))
+
+    def onnx_networks(self, modes: list[str], folder: Path) -> dict[str, object]:
+        """The net exported to ONNX once per mode and loaded into onnxruntime (``--onnx``)."""
+        from entityseg.export import OPSET, export_network
+        from entityseg.inference.exported import OnnxNetwork
+
+        views = test_view_config(**OmegaConf.to_container(self.cfg.data, resolve=True))
+        networks = {}
+        for mode in modes:
+            path = folder / f"{mode}.onnx"
+            start = time.perf_counter()
+            export_network(self.net, path, "onnx", mode, views, "entityseg")
+            seconds = time.perf_counter() - start
+            print(f"note: exported the {mode} network to ONNX in {seconds:.0f} s")
+            self.onnx_extra[f"export_s_{mode}"] = round(seconds, 1)
+            networks[mode] = OnnxNetwork(path, threads=torch.get_num_threads())
+        self.onnx_extra["opset"] = OPSET
+        return networks
 
     def autocast(self):
         if self.args.precision == "bf16":
@@ -404,6 +434,13 @@ class Bench:
                         return self.hf(pixel_values=pixel_values)
 
                 group.append(Case("hf_mask2former", task, mode, 1, h, w, hf_forward, self.hf_extra))
+            if task == "forward" and mode in self.onnx:
+
+                def onnx_forward(images=images, batch_level=views > 1, net=self.onnx[mode]):
+                    return net(images, batch_level=batch_level)
+
+                extra = {**self.onnx_extra, "export_s": self.onnx_extra[f"export_s_{mode}"]}
+                group.append(Case("onnxruntime", task, mode, views, h, w, onnx_forward, extra))
             yield group
 
     def train_step_case(self) -> Case:
@@ -603,6 +640,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--train-batch", type=int, default=2, help="train_step: images")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip HF Mask2Former")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="forward: add onnxruntime rows (CPU, fp32; exports the net first: minutes for Swin)",
+    )
     parser.add_argument("--experiment", default=None, help="compose experiment=<this> too")
     parser.add_argument(
         "--loader-images", type=int, default=None, help="dataloader: images (data config's)"
@@ -620,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--height and --width must be at least 32")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if args.onnx and (args.device, args.precision) != ("cpu", "fp32"):
+        parser.error("--onnx: onnxruntime rows run on the CPU in fp32 (--device cpu)")
     return args
 
 

@@ -124,3 +124,31 @@ def test_profile_parts_times_every_part_and_writes_kernel_tables(tmp_path):
     tables = kernels.read_text()
     assert "## entityseg, 1 view(s)" in tables and "## entityseg, 5 view(s)" in tables
     assert "aten::" in tables
+
+
+@pytest.mark.slow
+def test_onnx_rows_beside_the_pytorch_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_python(
+        "scripts/benchmark.py",
+        "--backbone", "tiny", "--experiment", "demo", "--height", "64", "--width", "96",
+        "--runs", "1", "--warmup", "0", "--threads", "1", "--tasks", "forward",
+        "--views", "1", "--onnx", "--no-hf", "--json", out,
+        timeout=600,
+    )  # fmt: skip  (Image-O only: one export; tests/test_export.py covers both files)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["impl"], r["mode"], r["views"]) for r in rows} == {
+        ("entityseg", "image_o", 1),
+        ("onnxruntime", "image_o", 1),
+    }
+    for row in rows:
+        assert row.keys() >= CONTRACT_KEYS and row["median_ms"] > 0, row
+        if row["impl"] == "onnxruntime":
+            assert row["opset"] == 18 and row["export_s"] > 0, row
+
+
+def test_onnx_rows_need_the_cpu_in_fp32():
+    benchmark = load_script()
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--onnx", "--precision", "bf16"])

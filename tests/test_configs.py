@@ -49,7 +49,7 @@ def test_eval_config_composes(tmp_path):
 def test_lightning_parts_instantiate(tmp_path):
     cfg = compose_config("train", ["experiment=demo"], tmp_path)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-    assert trainer.max_steps == 400
+    assert trainer.max_steps == 320
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "LearningRateMonitor"}
     assert type(instantiate(cfg.logger.tensorboard)).__name__ == "TensorBoardLogger"

@@ -1,3 +1,31 @@
-"""entityseg: CropFormer fine-grained entity segmentation (Lightning + Hydra)."""
+"""entityseg: CropFormer fine-grained entity segmentation (Lightning + Hydra).
 
+``from entityseg import EntitySegmenter``: entity masks of any image from a checkpoint
+(:mod:`entityseg.api`), returned as :class:`Entities`. They are imported on first use, so that
+``import entityseg.<module>`` (a data tool, the AP^e scorer) does not load the network code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from entityseg.api import EntitySegmenter
+    from entityseg.inference.fusion import Entities
+    from entityseg.models.checkpoint import CheckpointError
+
+__all__ = ["CheckpointError", "Entities", "EntitySegmenter"]
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "EntitySegmenter": "entityseg.api",
+    "Entities": "entityseg.inference.fusion",
+    "CheckpointError": "entityseg.models.checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'entityseg' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

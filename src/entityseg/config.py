@@ -46,6 +46,19 @@ def instantiate_checked(node: DictConfig, node_key: str, **kwargs: Any) -> Any:
         raise
 
 
+def command_line_keys(node_key: str) -> set[str]:
+    """The keys under ``node_key`` (e.g. ``data``) that this Hydra run's command line sets
+    (its task overrides, a sweep's values included), not those its config files set: what a
+    user asked for explicitly. Empty outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    prefix = f"{node_key}."
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    return {key[len(prefix) :] for key in keys if key.startswith(prefix)}
+
+
 _Entry = TypeVar("_Entry", bound=Callable[..., Any])
 
 

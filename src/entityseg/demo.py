@@ -14,32 +14,27 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from entityseg.api import INFERENCE_KEYS, EntitySegmenter
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.evaluate import markdown_table, table_rows
-from entityseg.inference.runner import run_modes
-from entityseg.models.checkpoint import load_weights
 from entityseg.train import train
 from entityseg.viz import compare_modes
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_net(net, datamodule, cfg: DictConfig, out_dir: Path, name: str) -> tuple[list, dict]:
-    """Table 7 rows of ``net`` on the validation set, predictions written to ``out_dir``."""
+def evaluate_net(
+    segmenter: EntitySegmenter, datamodule, cfg: DictConfig, out_dir: Path, name: str
+) -> tuple[list, dict]:
+    """Table 7 rows of ``segmenter`` on the validation set, predictions written to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_modes(
-        net.eval(),
+    results = segmenter.run(
         datamodule.val_dataloader(),
         list(cfg.inference.modes),
-        torch.device("cpu"),
-        cfg.inference.max_entities,
-        cfg.inference.overlapping,
-        cfg.inference.query_chunk,
         description=f"evaluating the {name} model",
     )
     rows = table_rows(results, datamodule.hparams.val_json, out_dir)
@@ -51,13 +46,10 @@ def evaluate_net(net, datamodule, cfg: DictConfig, out_dir: Path, name: str) -> 
 def save_pictures(results, datamodule, out_dir: Path) -> None:
     """Image-O beside Batch-OC (with the crops drawn) for every validation image."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = datamodule.datasets["val"]
-    for index, record in enumerate(dataset.records):
+    for record in datamodule.datasets["val"].records:
         image = read_rgb_image(record.path)
-        boxes = dataset[index]["crop_boxes"][1:].tolist()
-        panel = compare_modes(
-            image, {m: results[m].entities[record.image_id] for m in ("image_o", "batch_oc")}, boxes
-        )
+        per_mode = {m: results[m].entities[record.image_id] for m in ("image_o", "batch_oc")}
+        panel = compare_modes(image, per_mode, per_mode["batch_oc"].crop_boxes.tolist())
         Image.fromarray(panel).save(out_dir / f"{record.path.stem}.jpg", quality=90)
 
 
@@ -66,14 +58,21 @@ def save_pictures(results, datamodule, out_dir: Path) -> None:
 def main(cfg: DictConfig) -> None:
     metrics, best = train(cfg)
     out = Path(cfg.paths.output_dir)
-    datamodule = instantiate_checked(cfg.data, "data")
-    datamodule.setup("validate")
-
-    trained = instantiate_checked(cfg.model.net, "model.net")
-    load_weights(trained, best)
-    trained_rows, results = evaluate_net(trained, datamodule, cfg, out / "trained", "trained")
+    settings = {key: cfg.inference[key] for key in INFERENCE_KEYS}
+    trained = EntitySegmenter.from_checkpoint(
+        best, device="cpu", precision=cfg.inference.precision, **settings
+    )
     L.seed_everything(cfg.seed)
-    untrained = instantiate_checked(cfg.model.net, "model.net")
+    untrained = EntitySegmenter(  # the same initialisation, run the same way
+        instantiate_checked(cfg.model.net, "model.net"),
+        trained.views,
+        device="cpu",
+        precision=trained.precision,
+        **{**settings, "compat": trained.compat},
+    )
+    datamodule = instantiate_checked(cfg.data, "data", **trained.view_keys)
+    datamodule.setup("validate")
+    trained_rows, results = evaluate_net(trained, datamodule, cfg, out / "trained", "trained")
     untrained_rows, _ = evaluate_net(untrained, datamodule, cfg, out / "untrained", "untrained")
     save_pictures(results, datamodule, out / "pictures")
 

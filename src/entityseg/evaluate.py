@@ -7,6 +7,11 @@ image, data loading excluded). ``inference.precision=bf16`` runs the network und
 autocast; ``model.compile=true`` compiles its backbone and pixel decoder (``torch.compile``).
 A progress bar follows the network over the images; then one log line names each mode as
 pycocotools scores it.
+
+The images and annotations come from ``data``; the test views (sizes, crops, normalisation)
+and ``inference.compat`` from the checkpoint, as :class:`~entityseg.api.EntitySegmenter` reads
+them: ``data.<test key>=...`` given on the command line (e.g. ``data.test_crop_layout=fixed8``)
+overrides the checkpoint's, and a checkpoint that stores no views takes the ``data`` config's.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ import statistics
 from pathlib import Path
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 
-from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
+from entityseg.api import INFERENCE_KEYS, EntitySegmenter
+from entityseg.config import (
+    CONFIG_DIR,
+    command_line_keys,
+    exits_on_config_error,
+    instantiate_checked,
+)
+from entityseg.data.datamodule import TEST_VIEW_KEYS, view_keys
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
-from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
-from entityseg.inference.fusion import INFERENCE_MODES, check_compat, to_coco_results
-from entityseg.inference.runner import ModeResults, check_precision, resolve_view_chunk, run_modes
-from entityseg.interop.release import release_data_overrides
-from entityseg.models.checkpoint import TEST_VIEWS_KEY, build_network, read_checkpoint
+from entityseg.inference.cuda_graphs import check_cuda_graphs
+from entityseg.inference.fusion import INFERENCE_MODES
+from entityseg.inference.runner import ModeResults, check_precision, resolve_view_chunk
+from entityseg.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -53,50 +62,38 @@ def check_modes(modes) -> None:
         )
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def segmenter_from_config(cfg: DictConfig) -> EntitySegmenter:
+    """The segmenter of ``cfg.ckpt_path`` with the ``inference`` settings of ``cfg``.
 
-
-def load_network(cfg: DictConfig) -> tuple[nn.Module, DictConfig, torch.device]:
-    """The network of ``cfg.ckpt_path`` in eval mode on its device, and the ``data`` config.
-
-    The network is rebuilt from the configuration stored in the checkpoint (training and
-    converted release checkpoints have one), else from ``model.net``. With
-    ``inference.compat=release`` the data config's test views become the release's (its sizes,
-    crops and normalisation, stored by ``entityseg.convert_release``).
+    Test views: the checkpoint's, with the ``data.*`` test keys that the command line sets on
+    top (:func:`~entityseg.config.command_line_keys`; an experiment's or a data config's
+    values do not count); a checkpoint that stores none takes the ``data`` config's, and one
+    that stores no network configuration is loaded into ``model.net``. ``inference.compat:
+    null`` is the checkpoint's (``release`` for a converted release checkpoint).
     """
+    data_keys = view_keys(cfg.data)
+    given = command_line_keys("data") & set(TEST_VIEW_KEYS)
     try:
-        check_compat(cfg.inference.compat, cfg.inference.overlapping)
-    except ValueError as err:
-        raise SystemExit(f"config error: inference.compat={cfg.inference.compat}: {err}") from None
-    try:
-        checkpoint = read_checkpoint(cfg.ckpt_path)
-        net = build_network(
-            cfg.ckpt_path, lambda: instantiate_checked(cfg.model.net, "model.net"), checkpoint
+        return EntitySegmenter.from_checkpoint(
+            cfg.ckpt_path,
+            cfg.inference.mode,
+            cfg.inference.device,
+            cfg.inference.precision,
+            default_views=data_keys,
+            network=lambda: instantiate_checked(cfg.model.net, "model.net"),
+            compile=cfg.model.compile,
+            **{key: cfg.inference[key] for key in INFERENCE_KEYS},
+            **{key: data_keys[key] for key in sorted(given)},
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise SystemExit(f"ckpt_path={cfg.ckpt_path}: {err}") from None
-    if cfg.model.compile:
-        net.compile_parts()
-    device = pick_device(cfg.inference.device)
-    data = cfg.data
-    if cfg.inference.compat == "release":
-        overrides = release_data_overrides(checkpoint.get(TEST_VIEWS_KEY))
-        data = OmegaConf.merge(cfg.data, overrides)
-        log.info("release-compatible test views: %s", overrides)
-    return net.to(device).eval(), data, device
 
 
 def table_rows(results: dict[str, ModeResults], gt_json: str, out_dir: Path) -> list[dict]:
     """Write each mode's predictions json and score it with AP^e."""
     rows = []
     for number, (mode, result) in enumerate(results.items(), start=1):
-        predictions = [
-            r for image_id, e in result.entities.items() for r in to_coco_results(e, image_id)
-        ]
+        predictions = [r for image_id, e in result.entities.items() for r in e.to_coco(image_id)]
         path = out_dir / f"predictions_{mode}.json"
         path.write_text(json.dumps(predictions))
         log.info(
@@ -143,24 +140,15 @@ def main(cfg: DictConfig) -> float:
     check_precision(cfg.inference.precision)
     check_cuda_graphs(cfg.inference.cuda_graphs)
     resolve_view_chunk(cfg.inference.view_chunk, "cpu")  # checked now, resolved per device
-    net, data, device = load_network(cfg)
-    datamodule = instantiate_checked(data, "data")
+    segmenter = segmenter_from_config(cfg)
+    # the data set of ``data``, viewed as the segmenter views images
+    datamodule = instantiate_checked(cfg.data, "data", **segmenter.view_keys)
     datamodule.prepare_data()
     datamodule.setup("test")
     gt_json = datamodule.hparams.test_json or datamodule.hparams.val_json
 
-    results = run_modes(
-        graphed(net, cfg.inference.cuda_graphs, device),
-        datamodule.test_dataloader(),
-        list(cfg.inference.modes),
-        device,
-        max_entities=cfg.inference.max_entities,
-        overlapping=cfg.inference.overlapping,
-        query_chunk=cfg.inference.query_chunk,
-        description="evaluating",
-        precision=cfg.inference.precision,
-        compat=cfg.inference.compat,
-        view_chunk=cfg.inference.view_chunk,
+    results = segmenter.run(
+        datamodule.test_dataloader(), list(cfg.inference.modes), description="evaluating"
     )
     out_dir = Path(cfg.paths.output_dir)
     rows = table_rows(results, gt_json, out_dir)

@@ -22,11 +22,12 @@ from PIL import Image
 from torch import nn
 
 from entityseg.config import ConfigError
+from entityseg.data.datamodule import EntityDataModule, view_keys
 from entityseg.data.transforms import denormalize
 from entityseg.evaluation.entity_ap import EntityAP
 from entityseg.inference.fusion import to_coco_results
 from entityseg.inference.runner import check_precision, infer_batch, resolve_view_chunk
-from entityseg.models.checkpoint import NET_CONFIG_KEY, load_weights
+from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY, load_weights
 from entityseg.viz import compare_modes, image_grid
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class CropFormerModule(L.LightningModule):
             settings["overlapping"],
             settings["query_chunk"],
             settings.get("precision", "fp32"),
-            settings.get("compat", "entityseg"),
+            settings.get("compat") or "entityseg",  # null (the checkpoint's): ours
             resolve_view_chunk(settings.get("view_chunk", "auto"), self.device),
         )
         for mode in self.modes:
@@ -222,8 +223,12 @@ class CropFormerModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # predict / evaluate rebuild the network from this, without the training config
+        # predict / evaluate / EntitySegmenter rebuild the network and its test views from
+        # these, without the training config
         checkpoint[NET_CONFIG_KEY] = self.net.config
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, EntityDataModule):  # the test views validation used
+            checkpoint[VIEWS_KEY] = view_keys(datamodule.hparams)
 
     def configure_optimizers(self):
         opt = self.hparams.optimizer

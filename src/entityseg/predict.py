@@ -10,6 +10,16 @@ An input without images, or with two images of one stem (whose pictures would ov
 other), stops at once with one line (exit code 1).
 ``inference.precision=bf16`` and ``model.compile=true`` as in ``entityseg.evaluate``.
 
+Predictions go through :class:`~entityseg.api.EntitySegmenter`, as ``EntitySegmenter(photo)``
+would give them. The test views (sizes, crops, delta, normalisation) and ``inference.compat``
+are the checkpoint's, so ``ckpt_path=`` alone predicts as the model was validated (a converted
+release checkpoint: as the release, ``compat=release``). ``data.<test key>=...`` given on the
+command line (``test_short_size``, ``test_max_size``, ``size_scale``, ``crop_delta``,
+``test_crop_layout``, ``test_crop_resize``, ``pixel_mean``, ``pixel_std``), e.g.
+``data.test_crop_layout=fixed8``, replaces that one setting; values from ``experiment=`` or a
+``data=`` config do not. A checkpoint that stores no test views (written before they were
+stored) takes the ``data`` config's.
+
 Interrupted runs resume. Each finished image is appended to ``predictions.jsonl`` (and flushed
 to disk) after its two pictures, which are written to a temporary name and then renamed: an
 image is done when it has a complete line there and both pictures exist, so a picture or a line
@@ -17,12 +27,11 @@ half-written by a killed run never counts. A rerun with the same ``output=`` ski
 images (one log line says how many) and ``predictions.json`` is assembled from the jsonl at the
 end, every image of ``input`` once, in input order, exactly as an uninterrupted run writes it.
 The jsonl's first line holds the settings that change the results (checkpoint, ``gt``, mode,
-fusion and test-view settings): resuming with other settings stops with one line naming them.
+fusion and the test views used): resuming with other settings stops with one line naming them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import logging
@@ -36,16 +45,14 @@ from omegaconf import DictConfig
 from PIL import Image
 from rich.progress import track
 
+from entityseg.api import EntitySegmenter
 from entityseg.config import CONFIG_DIR, exits_on_config_error
 from entityseg.data.coco_entity import read_rgb_image
-from entityseg.data.datamodule import test_view_config
 from entityseg.data.errors import EntityDataError
-from entityseg.data.views import collate_views, prediction_views
-from entityseg.evaluate import check_modes, load_network
-from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
-from entityseg.inference.fusion import Entities, to_coco_results
-from entityseg.inference.runner import check_precision, resolve_view_chunk, run_modes
-from entityseg.viz import draw_boxes, id_map_from_rles, overlay_id_map
+from entityseg.evaluate import check_modes, segmenter_from_config
+from entityseg.inference.cuda_graphs import check_cuda_graphs
+from entityseg.inference.fusion import Entities
+from entityseg.inference.runner import check_precision, resolve_view_chunk
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +120,23 @@ def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **opt
     os.replace(partial, path)
 
 
-def write_pictures(image: np.ndarray, entities: Entities, boxes, out_dir: Path, stem: str) -> None:
-    id_map = id_map_from_rles(entities.rles, *image.shape[:2])
+def write_pictures(image: np.ndarray, entities: Entities, out_dir: Path, stem: str) -> None:
+    """The entity-id PNG (``Entities.to_id_map``) and the overlay JPEG (``Entities.overlay``,
+    crops drawn) of an image."""
+    id_map = entities.to_id_map()
     png, overlay_jpg = picture_paths(out_dir, stem)
     _save_then_rename(Image.fromarray(id_map), png, "PNG")  # uint16 -> 16-bit PNG
-    overlay = draw_boxes(overlay_id_map(image, id_map), boxes[1:])
+    overlay = entities.overlay(image, id_map=id_map)
     _save_then_rename(Image.fromarray(overlay), overlay_jpg, "JPEG", quality=90)
 
 
-def run_settings(cfg: DictConfig) -> dict:
-    """What makes one run's predictions differ from another's, as json values."""
-    views = dataclasses.asdict(test_view_config(**cfg.data))
+def run_settings(cfg: DictConfig, segmenter: EntitySegmenter) -> dict:
+    """What makes one run's predictions differ from another's, as json values: the
+    checkpoint, ``gt`` and the segmenter's settings (the mode and views it uses)."""
     settings = {
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
         "gt": str(Path(cfg.gt).resolve()) if cfg.gt is not None else None,
-        **{
-            f"inference.{key}": cfg.inference[key]
-            for key in ("mode", "max_entities", "overlapping", "precision", "compat")
-        },
-        **{f"views.{key}": value for key, value in views.items()},
+        **segmenter.settings(),
     }
     return json.loads(json.dumps(settings))  # tuples as lists, as read back
 
@@ -230,10 +235,11 @@ def main(cfg: DictConfig) -> None:
     resolve_view_chunk(cfg.inference.view_chunk, "cpu")  # checked now, resolved per device
     paths = find_images(cfg.input)
     check_unique_stems(paths)
+    segmenter = segmenter_from_config(cfg)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_NAME
-    records = read_results(results_path, run_settings(cfg))
+    records = read_results(results_path, run_settings(cfg, segmenter))
     done = {
         p.name
         for p in paths
@@ -247,19 +253,7 @@ def main(cfg: DictConfig) -> None:
             len(paths),
         )
     todo = [(index, p) for index, p in enumerate(paths) if p.name not in done]
-
-    net, data, device = load_network(cfg)
-    views = test_view_config(**data)
-    mode = cfg.inference.mode
-    if mode != "image_o" and not net.has_batch_decoder:
-        log.info(
-            "inference.mode=%s needs CropFormer's batch decoder; this Mask2Former network "
-            "predicts with image_o",
-            mode,
-        )
-        mode = "image_o"
     known_ids = image_ids_from_gt(cfg.gt)
-    forward = graphed(net, cfg.inference.cuda_graphs, device)  # one graph cache for all images
     ids_taken = {image_id: name for name, (image_id, _) in records.items()}
 
     failed = []
@@ -279,27 +273,10 @@ def main(cfg: DictConfig) -> None:
                 image_id = known_ids[path.name]
             else:
                 image_id = _image_id(index + 1, path.name, records, ids_taken)
-            sample = prediction_views(image, views)
-            sample.update(image_id=image_id, file_name=str(path), num_skipped=0)
-            batch = collate_views([sample])
-            result = run_modes(
-                forward,
-                [batch],
-                [mode],
-                device,
-                cfg.inference.max_entities,
-                cfg.inference.overlapping,
-                cfg.inference.query_chunk,
-                description="",
-                show_progress=False,
-                precision=cfg.inference.precision,
-                compat=cfg.inference.compat,
-                view_chunk=cfg.inference.view_chunk,
-            )[mode]
-            entities = result.entities[image_id]
-            write_pictures(image, entities, sample["crop_boxes"].tolist(), out_dir, path.stem)
+            entities = segmenter(image)
+            write_pictures(image, entities, out_dir, path.stem)
             predictions = [
-                {**record, "file_name": path.name} for record in to_coco_results(entities, image_id)
+                {**record, "file_name": path.name} for record in entities.to_coco(image_id)
             ]
             offset = append_result(results, path.name, image_id, predictions)
             records[path.name] = (image_id, offset)

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 ENTITY_CATEGORY = {"id": 1, "name": "entity", "supercategory": "entity"}
 
+#: What an image can be given as: a file path, a PIL image, an RGB uint8 array [H, W, 3].
+ImageInput = str | Path | Image.Image | np.ndarray
+
 
 @dataclass(frozen=True)
 class EntityImage:
@@ -118,12 +121,40 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb8(img)
+            return pil_to_rgb(img)
     except UnidentifiedImageError:
         raise EntityDataError(path, "not an image file") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise EntityDataError(path, f"corrupt image ({err})") from None
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as uint8 RGB ``[H, W, 3]``, EXIF orientation applied, as
+    :func:`read_rgb_image` reads a file (palette, alpha, greyscale, 16-bit)."""
+    return _to_rgb8(ImageOps.exif_transpose(img))
+
+
+def rgb_image(image: ImageInput) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` of a file path (:func:`read_rgb_image`), a PIL image
+    (:func:`pil_to_rgb`) or an array that already is one (returned as it is).
+
+    An unreadable file raises :class:`EntityDataError` naming it; an array of another shape or
+    dtype ``ValueError``; anything else ``TypeError``.
+    """
+    if isinstance(image, str | Path):
+        return read_rgb_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or not image.size:
+            raise ValueError(
+                f"an image array must be RGB uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
+            )
+        return image
+    raise TypeError(
+        f"an image must be a path, a PIL image or an RGB uint8 [H, W, 3] array, not a "
+        f"{type(image).__name__}"
+    )
 
 
 def _to_rgb8(img: Image.Image) -> np.ndarray:

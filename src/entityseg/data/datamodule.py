@@ -9,8 +9,9 @@ several parts, each a json with its own image folder (EntitySeg's three parts, a
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from entityseg.config import ConfigError
 from entityseg.data.coco_entity import EntityImage, load_entity_json
-from entityseg.data.crops import CROP_LAYOUTS, check_delta
+from entityseg.data.crops import CROP_LAYOUTS
 from entityseg.data.synthetic import generate_dataset
 from entityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, scaled_sizes
 from entityseg.data.views import (
@@ -37,6 +38,23 @@ log = logging.getLogger(__name__)
 RECIPE_TRAIN_SHORT_SIZES = tuple(range(640, 801, 32))
 #: Which copy of a validation set ``val_json`` / ``val_images`` are (EntitySeg has both).
 RESOLUTIONS = ("high", "low")
+
+
+#: The ``data`` keys that make the test-time views (:func:`test_view_config`): what a training
+#: checkpoint stores (``entityseg.models.checkpoint.VIEWS_KEY``) and what ``predict`` and
+#: ``evaluate`` take from it.
+TEST_VIEW_KEYS = (
+    "test_short_size",
+    "test_max_size",
+    "size_scale",
+    "crop_delta",
+    "test_crop_layout",
+    "test_crop_resize",
+    "pixel_mean",
+    "pixel_std",
+)
+#: Test-time crop layouts: all their crops are used (``random`` is for training only).
+TEST_CROP_LAYOUTS = ("fixed4", "fixed8", "grid")
 
 
 def test_view_config(
@@ -61,6 +79,52 @@ def test_view_config(
         pixel_std=tuple(float(v) for v in pixel_std),
         crop_resize=test_crop_resize,
     )
+
+
+def view_keys(data: Mapping) -> dict:
+    """The test-view keys of a ``data`` config (or a data module's ``hparams``) as plain json
+    values; a key it lacks takes :class:`EntityDataModule`'s default (the release's recipe)."""
+    defaults = inspect.signature(EntityDataModule.__init__).parameters
+    keys = {key: data[key] if key in data else defaults[key].default for key in TEST_VIEW_KEYS}
+    for key in ("pixel_mean", "pixel_std"):
+        keys[key] = [float(v) for v in keys[key]]
+    return keys
+
+
+def view_config_keys(views: ViewConfig) -> dict:
+    """The test-view keys that make ``views`` again (sizes as they are: ``size_scale`` 1)."""
+    return {
+        "test_short_size": views.short_sizes[0],
+        "test_max_size": views.max_size,
+        "size_scale": 1.0,
+        "crop_delta": views.crop_delta,
+        "test_crop_layout": views.crop_layout,
+        "test_crop_resize": views.crop_resize,
+        "pixel_mean": list(views.pixel_mean),
+        "pixel_std": list(views.pixel_std),
+    }
+
+
+def check_test_view_keys(keys: Mapping) -> None:
+    """Raise :class:`ConfigError` (named by the bare key) on a test-view value that cannot work."""
+    for key in ("test_short_size", "test_max_size"):
+        if key in keys and not _positive_int(keys[key]):
+            raise ConfigError(key, keys[key], "must be a positive integer")
+    if "size_scale" in keys and not (_number(keys["size_scale"]) and keys["size_scale"] > 0):
+        raise ConfigError("size_scale", keys["size_scale"], "must be > 0")
+    delta = keys.get("crop_delta", 0.7)
+    if not (_number(delta) and 0 < delta <= 1):  # every test crop has the one ratio
+        raise ConfigError("crop_delta", delta, "must be in (0, 1]")
+    for key, allowed, what in (
+        ("test_crop_layout", TEST_CROP_LAYOUTS, "crop layout"),
+        ("test_crop_resize", CROP_RESIZE_MODES, "crop resize"),
+    ):
+        if key in keys and keys[key] not in allowed:
+            raise ConfigError(key, keys[key], f"unknown {what}; expected one of {allowed}")
+    mean, std = keys.get("pixel_mean", (0, 0, 0)), keys.get("pixel_std", (1, 1, 1))
+    if not (_three_numbers(mean) and _three_numbers(std) and min(std) > 0):
+        key = "pixel_mean" if not _three_numbers(mean) else "pixel_std"
+        raise ConfigError(key, keys[key], "mean and std need 3 values, std > 0")
 
 
 class EntityDataModule(L.LightningDataModule):
@@ -184,14 +248,9 @@ class EntityDataModule(L.LightningDataModule):
 
     def _check_arguments(self) -> None:
         hp = self.hparams
-        try:
-            check_delta(hp.crop_delta)
-        except ValueError:
-            raise ConfigError("crop_delta", hp.crop_delta, "must be in (0, 1]") from None
+        check_test_view_keys(hp)
         for key, allowed, what in (
             ("train_crop_layout", CROP_LAYOUTS, "crop layout"),
-            ("test_crop_layout", ("fixed4", "fixed8", "grid"), "crop layout"),
-            ("test_crop_resize", CROP_RESIZE_MODES, "crop resize"),
             ("train_crop_resize", CROP_RESIZE_MODES, "crop resize"),
             ("train_augmentation", AUGMENTATIONS, "augmentation"),
             ("resolution", (None, *RESOLUTIONS), "resolution"),
@@ -221,14 +280,10 @@ class EntityDataModule(L.LightningDataModule):
             raise ConfigError("lsj_scale", scale, "must be [min, max] with 0 < min <= max")
         if not isinstance(hp.num_workers, int) or hp.num_workers < 0:
             raise ConfigError("num_workers", hp.num_workers, "must be an integer >= 0")
-        if not hp.size_scale > 0:
-            raise ConfigError("size_scale", hp.size_scale, "must be > 0")
         if not 0.0 <= hp.flip_prob <= 1.0:
             raise ConfigError("flip_prob", hp.flip_prob, "must be in [0, 1]")
         if not hp.train_short_sizes:
             raise ConfigError("train_short_sizes", hp.train_short_sizes, "must not be empty")
-        if len(hp.pixel_mean) != 3 or len(hp.pixel_std) != 3 or min(hp.pixel_std) <= 0:
-            raise ConfigError("pixel_std", hp.pixel_std, "mean and std need 3 values, std > 0")
         parts = self._train_parts()
         if hp.synthetic is None:
             if hp.val_json is None or hp.val_images is None:
@@ -366,6 +421,19 @@ class EntityDataModule(L.LightningDataModule):
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _three_numbers(values: object) -> bool:
+    return (
+        isinstance(values, Sequence)
+        and not isinstance(values, str)
+        and len(values) == 3
+        and all(_number(v) for v in values)
+    )
 
 
 def _as_paths(value: object) -> list[str] | None:

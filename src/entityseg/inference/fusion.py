@@ -57,12 +57,15 @@ on the CPU from the final id map (plus a transposed int16 copy, H x W x 2 bytes)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+
+from entityseg.data.coco_entity import ImageInput, rgb_image
+from entityseg.viz import draw_boxes, id_map_from_rles, overlay_id_map
 
 #: The inference modes of Table 7.
 INFERENCE_MODES = ("image_o", "batch_o", "batch_c", "batch_oc")
@@ -85,15 +88,39 @@ Box = tuple[int, int, int, int]
 
 @dataclass
 class Entities:
-    """Entities of one image in its original pixels, best score first (all on the CPU)."""
+    """Entities of one image in its original pixels, best score first (all on the CPU).
+
+    What ``EntitySegmenter`` returns, ``predict`` writes and ``evaluate`` scores: masks as COCO
+    RLE (``rles``; dense with :meth:`masks`), ``scores``, and what is derived from them
+    (``areas``, ``boxes``, :meth:`to_coco`, :meth:`to_id_map`, :meth:`overlay`).
+    """
 
     rles: list[dict]  # COCO RLE: {"size": [H, W], "counts": str}
     scores: torch.Tensor  # float[K], descending
     query_indices: torch.Tensor  # long[K], the query each entity comes from
     image_size: tuple[int, int]  # (H, W) of the original image
+    #: float[k, 4] the test crops I^C the image was cut into, (x0, y0, x1, y1) in its pixels,
+    #: whatever the mode fused (Image-O: the full view only); empty when not known
+    crop_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
 
     def __len__(self) -> int:
         return len(self.rles)
+
+    @property
+    def areas(self) -> torch.Tensor:
+        """long[K]: pixels of each mask (pycocotools ``area`` of the RLE)."""
+        if not self.rles:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.from_numpy(mask_utils.area(self.rles).astype(np.int64))
+
+    @property
+    def boxes(self) -> torch.Tensor:
+        """float[K, 4]: each mask's bounding box as (x0, y0, x1, y1), end exclusive (the
+        convention of ``crop_boxes``; COCO's (x, y, w, h) is in :meth:`to_coco`'s ``bbox``)."""
+        if not self.rles:
+            return torch.zeros(0, 4)
+        xywh = torch.from_numpy(mask_utils.toBbox(self.rles)).float()  # [K, 4]
+        return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
 
     def masks(self, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """Dense masks bool[K, H, W] (pycocotools decode); for small images, tests and plots.
@@ -107,6 +134,48 @@ class Entities:
             return torch.zeros((0, *self.image_size), dtype=torch.bool)
         decoded = mask_utils.decode(self.rles)  # uint8 [H, W, K]
         return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))).bool()
+
+    def to_coco(self, image_id: int, include_bbox: bool = False) -> list[dict]:
+        """COCO results records (``category_id`` 1) that pycocotools ``loadRes`` reads as they
+        are: what ``predict`` writes and ``evaluate`` scores.
+
+        No ``bbox`` by default: with one, ``loadRes`` takes each area from the box instead of
+        the mask, which moves entities between the S/M/L ranges.
+        """
+        bboxes = mask_utils.toBbox(self.rles).tolist() if include_bbox and self.rles else []
+        records = []
+        for k, (rle, score) in enumerate(zip(self.rles, self.scores.tolist(), strict=True)):
+            record = {
+                "image_id": int(image_id),
+                "category_id": 1,
+                "segmentation": rle,
+                "score": float(score),
+            }
+            if include_bbox:
+                record["bbox"] = bboxes[k]
+            records.append(record)
+        return records
+
+    def to_id_map(self) -> np.ndarray:
+        """uint16 [H, W]: 0 where no entity, k + 1 on entity k (best first): the content of
+        ``predict``'s 16-bit PNG."""
+        return id_map_from_rles(self.rles, *self.image_size)
+
+    def overlay(
+        self, image: ImageInput, boxes: bool = True, id_map: np.ndarray | None = None
+    ) -> np.ndarray:
+        """uint8 RGB [H, W, 3]: the entities coloured over ``image`` (this image, as the
+        segmenter took it: a path, a PIL image or an RGB uint8 array) with white outlines and,
+        with ``boxes``, the crops I^C drawn: ``predict``'s overlay picture. ``id_map``: this
+        image's :meth:`to_id_map` when already made (its masks are not decoded again)."""
+        image = rgb_image(image)
+        if image.shape[:2] != tuple(self.image_size):
+            raise ValueError(
+                f"the entities are of a {self.image_size[1]}x{self.image_size[0]} image, "
+                f"not of this {image.shape[1]}x{image.shape[0]} one"
+            )
+        picture = overlay_id_map(image, self.to_id_map() if id_map is None else id_map)
+        return draw_boxes(picture, self.crop_boxes.tolist()) if boxes else picture
 
 
 def check_mode(mode: str) -> None:
@@ -281,24 +350,8 @@ def fused_probabilities(
 
 
 def to_coco_results(entities: Entities, image_id: int, include_bbox: bool = False) -> list[dict]:
-    """COCO results records (``category_id`` 1) that pycocotools ``loadRes`` reads as they are.
-
-    No ``bbox`` by default: with one, ``loadRes`` takes each area from the box instead of the
-    mask, which moves entities between the S/M/L ranges.
-    """
-    bboxes = mask_utils.toBbox(entities.rles).tolist() if include_bbox and entities.rles else []
-    records = []
-    for k, (rle, score) in enumerate(zip(entities.rles, entities.scores.tolist(), strict=True)):
-        record = {
-            "image_id": int(image_id),
-            "category_id": 1,
-            "segmentation": rle,
-            "score": float(score),
-        }
-        if include_bbox:
-            record["bbox"] = bboxes[k]
-        records.append(record)
-    return records
+    """:meth:`Entities.to_coco` as a function (for ``map`` and older callers)."""
+    return entities.to_coco(image_id, include_bbox)
 
 
 def encode_mask(mask: torch.Tensor) -> dict:

@@ -115,13 +115,14 @@ def fuse_modes(
 
     ``views`` limits the batch's crop boxes to the first views, when the network saw only those.
     Outputs of any float dtype are fused in float32. ``compat="release"`` reproduces the
-    release's scores and order (``inference.fusion``).
+    release's scores and order (``inference.fusion``). Each image's entities carry the batch's
+    crop boxes of that image (``Entities.crop_boxes``), whichever views the mode fused.
     """
     outputs = float_outputs(outputs)
     image_sizes = batch["image_sizes"]
     if image_sizes.dim() == 3:  # a valid size per view
         image_sizes = image_sizes[:, :views]
-    return {
+    fused = {
         mode: fuse_entities(
             outputs,
             batch["crop_boxes"][:, :views],
@@ -135,6 +136,11 @@ def fuse_modes(
         )
         for mode in modes
     }
+    crops = batch["crop_boxes"][:, 1:].cpu()  # [N, V - 1, 4]
+    for per_image in fused.values():
+        for entities, boxes in zip(per_image, crops, strict=True):
+            entities.crop_boxes = boxes.clone()
+    return fused
 
 
 def _views_input(batch: dict, views: int | None) -> torch.Tensor:

@@ -20,6 +20,8 @@ autocast off and reads the predictions in float32 (matching costs, point samplin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,11 +53,6 @@ def num_target_masks(count: int, device: torch.device) -> Tensor:
         dist.all_reduce(total)
         total = total / dist.get_world_size()
     return total.clamp(min=1.0)
-
-
-def _rows(masks: Tensor, index: Tensor) -> Tensor:
-    """``masks[index]`` wherever the targets live."""
-    return masks[index.to(masks.device)]
 
 
 class _SetLoss(nn.Module):
@@ -90,12 +87,16 @@ class _SetLoss(nn.Module):
         classes[matched] = ENTITY
         return F.cross_entropy(logits.flatten(0, -2).float(), classes.flatten(), self.ce_weight)
 
-    def mask_losses(self, pred_masks: Tensor, target_masks: Tensor) -> tuple[Tensor, Tensor]:
-        """(BCE sum, Dice sum) of K matched pairs: logits [K, h, w] vs bool [K, H, W].
+    def mask_losses(
+        self, pred_masks: Tensor, targets: Sequence[tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        """(BCE sum, Dice sum) of K matched pairs: logits [K, h, w] against target masks.
 
-        Points are importance-sampled per mask by the prediction's uncertainty (or every pixel
-        centre of the prediction, ``num_points=None``) and read the target (4x the resolution)
-        at the same normalised positions.
+        ``targets``: blocks ``(masks bool [M, H, W], rows long [K_j])`` whose rows, block after
+        block, are the K targets in order (one block per image and view). Points are
+        importance-sampled per mask by the prediction's uncertainty (or every pixel centre of
+        the prediction, ``num_points=None``) and read the target (4x the resolution) at the
+        same normalised positions.
         """
         pred_masks = pred_masks.float().unsqueeze(1)  # [K, 1, h, w], float32 under bf16
         if self.num_points is None:
@@ -109,10 +110,36 @@ class _SetLoss(nn.Module):
                 self.importance_sample_ratio,
             )
         with torch.no_grad():
-            target_masks = target_masks.to(pred_masks.device).unsqueeze(1).float()  # [K, 1, H, W]
-            labels = point_sample(target_masks, points).squeeze(1)  # [K, P]
+            labels = torch.cat(  # [K, P]
+                [
+                    point_sample(
+                        masks[rows.to(masks.device)].unsqueeze(1).float(),  # [K_j, 1, H, W]
+                        block_points.to(masks.device),
+                    ).squeeze(1)
+                    for (masks, rows), block_points in zip(
+                        targets, points.split([len(rows) for _, rows in targets]), strict=True
+                    )
+                ]
+            ).to(pred_masks.device)
         logits = point_sample(pred_masks, points).squeeze(1).float()  # [K, P]
         return sigmoid_bce_loss(logits, labels), dice_loss(logits, labels)
+
+    def matched_mask_losses(
+        self, masks: Tensor, picks: list[tuple[int, int, Tensor, Tensor]], targets: list
+    ) -> tuple[Tensor, Tensor]:
+        """(BCE sum, Dice sum) of the picked predictions, read from ``masks`` in one index.
+
+        ``masks`` [N, V, Q, h, w]; ``picks``: ``(n, v, queries, rows)``, the query indices of
+        image n in view v and the rows of ``targets[n][v]["masks"]`` they are matched to.
+        """
+        if not picks:  # keeps the mask head in the graph when nothing matches
+            zero = masks.sum() * 0.0
+            return zero, zero
+        queries = torch.cat([q for _, _, q, _ in picks])
+        images = torch.cat([torch.full_like(q, n) for n, _, q, _ in picks])
+        views = torch.cat([torch.full_like(q, v) for _, v, q, _ in picks])
+        blocks = [(targets[n][v]["masks"], rows) for n, v, _, rows in picks]
+        return self.mask_losses(masks[images, views, queries], blocks)  # [K, h, w]
 
     def num_masks(self, targets: list[list[dict]], device: torch.device) -> Tensor:
         """The mask-loss normaliser of this level (shared by the final and aux predictions)."""
@@ -149,14 +176,13 @@ class ImageLevelLoss(_SetLoss):
         logits, masks = prediction["logits"], prediction["masks"]  # [N, V, Q, 2], [N, V, Q, h, w]
         matches = self.matcher.match_image_level(logits, masks, targets)
         matched = torch.zeros(logits.shape[:3], dtype=torch.bool, device=logits.device)
-        bce = dice = masks.sum() * 0.0  # keeps the mask head in the graph when nothing matches
+        picks = []  # (n, v, query indices, target rows) of every matched pair
         for n, per_view in enumerate(matches):
             for v, (query_idx, target_idx) in enumerate(per_view):
                 matched[n, v, query_idx] = True
                 if query_idx.numel():
-                    target_masks = _rows(targets[n][v]["masks"], target_idx)  # [K, H, W]
-                    view_bce, view_dice = self.mask_losses(masks[n, v, query_idx], target_masks)
-                    bce, dice = bce + view_bce, dice + view_dice
+                    picks.append((n, v, query_idx, target_idx))
+        bce, dice = self.matched_mask_losses(masks, picks, targets)
         ce = self.entity_ce(logits, matched)
         return torch.stack([ce, bce / num_masks, dice / num_masks])
 
@@ -177,18 +203,12 @@ class BatchLevelLoss(_SetLoss):
         logits, masks = prediction["logits"], prediction["masks"]  # [N, V, Q, 2], [N, V, Q, h, w]
         matches = self.matcher.match_batch_level(logits, masks, targets)
         matched = torch.zeros(logits[:, 0].shape[:2], dtype=torch.bool, device=logits.device)
-        bce = dice = masks.sum() * 0.0  # keeps the mask head in the graph when nothing matches
+        picks = []  # each matched entity in every view (its empty views included)
         for n, (query_idx, target_idx) in enumerate(matches):
             matched[n, query_idx] = True
             if query_idx.numel():
-                pred_masks = masks[n][:, query_idx].transpose(0, 1)  # [K, V, h, w]
-                target_masks = torch.stack(  # G_b of the matched entities: [K, V, H, W]
-                    [_rows(t["masks"], target_idx) for t in targets[n]], dim=1
-                )
-                image_bce, image_dice = self.mask_losses(
-                    pred_masks.flatten(0, 1), target_masks.flatten(0, 1)
-                )
-                bce, dice = bce + image_bce, dice + image_dice
+                picks += [(n, v, query_idx, target_idx) for v in range(masks.shape[1])]
+        bce, dice = self.matched_mask_losses(masks, picks, targets)
         ce = self.entity_ce(logits[:, 0], matched)  # one score per query: [N, Q, 2]
         return torch.stack([ce, bce / num_masks, dice / num_masks])
 

@@ -21,7 +21,6 @@ Swin (timm 1.0) needs three things to run at any input size with the original Sw
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,11 +46,19 @@ class _WindowPaddedSwinBlock(SwinTransformerBlock):
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1:3]  # x: [B, H, W, C], already normalised by norm1
-        pad_h = (-height) % self.window_size[0]
-        pad_w = (-width) % self.window_size[1]
-        if pad_h or pad_w:
+        # a floor division, not a modulo, and no branch on the pad under torch.export: on
+        # dynamic H and W, modulos make its shape reasoning take minutes per block and a branch
+        # specialises the graph to the example's sizes
+        pad_h = _round_up(height, self.window_size[0]) - height
+        pad_w = _round_up(width, self.window_size[1]) - width
+        if torch.compiler.is_exporting() or pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # [B, H + pad_h, W + pad_w, C]
         return super()._attn(x)[:, :height, :width]
+
+
+def _round_up(size: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` >= ``size`` (exact on symbolic sizes too)."""
+    return (size + multiple - 1) // multiple * multiple
 
 
 class TimmBackbone(nn.Module):
@@ -144,7 +151,8 @@ class TimmBackbone(nn.Module):
                 feature = feature.permute(0, 2, 3, 1)  # [B, h, w, C]: LayerNorm normalises C
             feature = self.out_norms[name](feature).permute(0, 3, 1, 2)  # [B, C, h, w]
             stride = self.strides[name]
-            size = (math.ceil(height / stride), math.ceil(width / stride))
+            # integer ceil: exact, and a size torch.export can save (math.ceil it cannot)
+            size = (-(-height // stride), -(-width // stride))
             if feature.shape[-2] < size[0] or feature.shape[-1] < size[1]:
                 raise RuntimeError(
                     f"backbone {self.name}: {name} is {tuple(feature.shape[-2:])} for input "

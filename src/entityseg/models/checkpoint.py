@@ -3,7 +3,9 @@
 A training checkpoint (and one converted from the release, ``entityseg.convert_release``) holds
 the network's weights under ``state_dict`` (``net.<name>``) and its ``CropFormer`` arguments
 under :data:`NET_CONFIG_KEY`, so :func:`build_network` rebuilds the right network from the file
-alone; older files or plain state dicts fall back to the ``model.net`` config.
+alone; older files or plain state dicts fall back to the ``model.net`` config. The test-time
+views are stored too: a training checkpoint's under :data:`VIEWS_KEY` (the ``data`` config's
+test keys), a converted one's under :data:`TEST_VIEWS_KEY` (the release config's test settings).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ LIGHTNING_PREFIX = "net."
 NET_CONFIG_KEY = "entityseg_net"
 #: Checkpoint key of the release's test-time view settings (converted checkpoints only).
 TEST_VIEWS_KEY = "entityseg_release_test_views"
+#: Checkpoint key of the test-time views a training run validated with: the ``data`` config's
+#: test keys (``entityseg.data.datamodule.TEST_VIEW_KEYS``), written by the LightningModule.
+VIEWS_KEY = "entityseg_test_views"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint entityseg can use, or that does not fit the network."""
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -40,9 +49,13 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:  # a legacy (non-zip) file cannot be mapped: read it whole
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # unpickling garbage fails in many ways: all mean the same
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{path}: not a checkpoint (torch.load: {reason})") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a checkpoint (a {type(checkpoint).__name__})")
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(checkpoint).__name__})")
     return checkpoint
 
 
@@ -74,7 +87,7 @@ def build_network(
         log.info("network built from the configuration stored in %s", path)
         net = CropFormer(**stored)
     elif fallback is None:
-        raise ValueError(f"{path}: stores no network configuration")
+        raise CheckpointError(f"{path}: stores no network configuration")
     else:
         net = fallback()
     load_weights(net, path, checkpoint)
@@ -101,7 +114,7 @@ def load_weights(
     if isinstance(checkpoint, dict):
         state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: no state dict in the checkpoint")
+        raise CheckpointError(f"{path}: no state dict in the checkpoint")
     if any(k.startswith(LIGHTNING_PREFIX) for k in state):
         state = {
             k[len(LIGHTNING_PREFIX) :]: v
@@ -125,7 +138,7 @@ def load_weights(
         shown = "; ".join(problems[:6]) + (
             f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
         )
-        raise ValueError(f"{path}: does not fit this network: {shown}")
+        raise CheckpointError(f"{path}: does not fit this network: {shown}")
     net.load_state_dict(state, strict=not fresh)
     return fresh
 

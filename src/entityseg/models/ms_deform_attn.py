@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,11 @@ def ms_deform_attn(
     spatial_shapes: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    level_shapes: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     """Weighted sum of bilinearly sampled values over levels and points, per head.
 
-    Two exact formulations, picked for speed:
+    Two exact formulations, picked for speed (and for export):
 
     - without gradients (inference), one gather: bilinear sampling with zero padding
       (``grid_sample``, ``align_corners=False``) and the attention-weighted sum read 4 corner
@@ -42,7 +43,8 @@ def ms_deform_attn(
       scatters directly, where ``embedding_bag``'s sorts every index. On the CPU that made the
       demo's training step 15 % slower; at Swin-T's sizes the sorting form was 15 % faster for
       the pixel decoder, but CPU training is the demo's and the tests' case (GPUs use the
-      Triton kernel).
+      Triton kernel). Under ``torch.export`` (and so the ONNX export) always this one: ONNX
+      has ``GridSample`` (opset >= 16) and no ``embedding_bag``.
 
     Args:
         value: ``[B, S, heads, C]``, the levels' value maps flattened row-major and concatenated
@@ -52,15 +54,21 @@ def ms_deform_attn(
             edge of the first pixel and 1 the right/bottom edge of the last one. Points outside
             ``[0, 1]`` read zeros beyond the border.
         attention_weights: ``[B, Lq, heads, L, P]``.
+        level_shapes: ``spatial_shapes`` as Python ``(H_l, W_l)`` pairs, when the caller has
+            them: read from the tensor otherwise, which ``torch.export`` cannot do with
+            dynamic sizes (a tensor's values are data, not shapes).
 
     Returns:
         ``[B, Lq, heads * C]``, heads concatenated on the channel axis.
     """
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if level_shapes is None:
+        level_shapes = spatial_shapes.tolist()
+    shapes = [(h, w) for h, w in level_shapes]
     if sum(h * w for h, w in shapes) != value.shape[1]:
         raise ValueError(f"spatial_shapes {shapes} do not add up to {value.shape[1]} value tokens")
     inputs = (value, sampling_locations, attention_weights)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if training or torch.compiler.is_exporting():
         return _grid_sample_form(value, shapes, sampling_locations, attention_weights)
     return _gather_form(value, shapes, sampling_locations, attention_weights)
 
@@ -260,6 +268,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Tensor | None = None,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
         """Attend from each query to ``P`` points per head around its per-level reference.
 
@@ -271,6 +280,8 @@ class MSDeformAttn(nn.Module):
             level_start_index: ``[L]`` offset of each level in ``S`` (the kernels' argument;
                 the PyTorch op derives it from ``spatial_shapes``).
             padding_mask: ``[B, S]`` bool, True on padded tokens (their values are zeroed).
+            level_shapes: ``spatial_shapes`` as Python ints, when known (see
+                :func:`ms_deform_attn`: what lets ``torch.export`` keep the sizes dynamic).
 
         Returns:
             ``[B, Lq, dim]``.
@@ -306,7 +317,7 @@ class MSDeformAttn(nn.Module):
                 raise ImportError("impl='triton' needs the triton package, which does not import")
             output = op(value, spatial_shapes, level_start_index, locations, weights)
         else:  # level_start_index is implied by spatial_shapes for the PyTorch op
-            output = ms_deform_attn(value, spatial_shapes, locations, weights)
+            output = ms_deform_attn(value, spatial_shapes, locations, weights, level_shapes)
         return self.output_proj(output)  # [B, Lq, dim]
 
     def _use_triton(self, value: Tensor) -> bool:

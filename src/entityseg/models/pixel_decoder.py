@@ -120,10 +120,17 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: Tensor,
         spatial_shapes: Tensor,
         level_start_index: Tensor,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
-        """``tokens``/``pos`` ``[B, S, dim]``, ``reference_points`` ``[B, S, L, 2]``."""
+        """``tokens``/``pos`` ``[B, S, dim]``, ``reference_points`` ``[B, S, L, 2]``;
+        ``level_shapes``: ``spatial_shapes`` as Python ints (dynamic sizes under export)."""
         attended = self.self_attn(
-            tokens + pos, reference_points, tokens, spatial_shapes, level_start_index
+            tokens + pos,
+            reference_points,
+            tokens,
+            spatial_shapes,
+            level_start_index,
+            level_shapes=level_shapes,
         )
         tokens = self.norm1(tokens + self.dropout1(attended))
         hidden = self.dropout2(F.relu(self.linear1(tokens)))
@@ -182,7 +189,7 @@ class DeformableEncoder(nn.Module):
         reference_points = encoder_reference_points(shapes, tokens.device, tokens.dtype)
         reference_points = reference_points[None].expand(tokens.shape[0], -1, -1, -1)
         for layer in self.layers:
-            tokens = layer(tokens, pos, reference_points, spatial_shapes, level_start_index)
+            tokens = layer(tokens, pos, reference_points, spatial_shapes, level_start_index, shapes)
         return tokens
 
 

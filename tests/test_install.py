@@ -1,0 +1,122 @@
+"""The library installed from its wheel, used outside the checkout.
+
+The wheel is built from this repository and installed (without dependencies: they are this
+environment's) into a folder of its own; every command then runs from an empty folder with
+only that install on the path, so a config or a module found through the checkout fails here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, tiny_model
+from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY
+
+#: The checkpoint's test views: predict must use these, not the data config's.
+VIEWS = {
+    "test_short_size": 96,
+    "test_max_size": 160,
+    "size_scale": 1.0,
+    "crop_delta": 0.6,
+    "test_crop_layout": "fixed8",
+    "test_crop_resize": "same",
+    "pixel_mean": [123.675, 116.28, 103.53],
+    "pixel_std": [58.395, 57.12, 57.375],
+}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The folder the wheel was installed into (``--target``)."""
+    root = tmp_path_factory.mktemp("install")
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    build = [*pip, "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", root / "wheel"]
+    subprocess.run(build, check=True, timeout=300, cwd=root)
+    (wheel,) = (root / "wheel").glob("entityseg-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", root / "site", wheel], check=True)
+    return root / "site"
+
+
+def run_installed(site: Path, cwd: Path, *command: str) -> subprocess.CompletedProcess:
+    """``command`` from ``cwd`` with the installed package first on the path."""
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+    return subprocess.run(
+        list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny network's checkpoint as training writes it: weights, network config, views."""
+    net = tiny_model()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, NET_CONFIG_KEY: net.config, VIEWS_KEY: VIEWS}, path)
+    return path
+
+
+def test_the_wheel_carries_every_config(installed):
+    packaged = {p.relative_to(installed / "entityseg" / "conf") for p in installed.rglob("*.yaml")}
+    in_checkout = {p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml")}
+    assert packaged == in_checkout
+
+
+def test_installed_commands_and_api_run_outside_the_checkout(installed, checkpoint, tmp_path):
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    photo = np.random.default_rng(0).integers(0, 255, (120, 170, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(work / "photo.png")
+    python = sys.executable
+
+    imported = run_installed(
+        installed, work, python, "-c", "import entityseg; print(entityseg.__file__)"
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert Path(imported.stdout.strip()).is_relative_to(installed)  # not the checkout's
+
+    # the console scripts compose their configs from the package
+    for script, overrides in [
+        ("entityseg-train", ["experiment=cropformer_swinl"]),
+        ("entityseg-evaluate", ["ckpt_path=x.ckpt"]),
+    ]:
+        composed = run_installed(
+            installed, work, installed / "bin" / script, *overrides, "--cfg", "job"
+        )
+        assert composed.returncode == 0, composed.stderr
+        assert "task_name:" in composed.stdout
+
+    predicted = run_installed(
+        installed,
+        work,
+        installed / "bin" / "entityseg-predict",
+        f"ckpt_path={checkpoint}",
+        "input=photo.png",
+        "output=out",
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    settings = json.loads((work / "out/predictions.jsonl").read_text().splitlines()[0])["settings"]
+    assert settings["views.crop_layout"] == "fixed8"  # the checkpoint's views, no experiment=
+    assert settings["views.crop_delta"] == 0.6
+    assert (work / "out/photo.png").is_file()
+    predictions = json.loads((work / "out/predictions.json").read_text())
+
+    script = (
+        "import json, sys\n"
+        "from entityseg import EntitySegmenter\n"
+        "segmenter = EntitySegmenter.from_checkpoint(sys.argv[1], device='cpu')\n"
+        "entities = segmenter('photo.png')\n"
+        "print(json.dumps([{**r, 'file_name': 'photo.png'} for r in entities.to_coco(1)]))\n"
+    )
+    api = run_installed(installed, work, python, "-c", script, str(checkpoint))
+    assert api.returncode == 0, api.stderr
+    assert json.loads(api.stdout.strip().splitlines()[-1]) == predictions
+
+    converted = run_installed(installed, work, installed / "bin" / "entityseg-convert", "--help")
+    assert converted.returncode == 0 and "release" in converted.stdout
