@@ -1,12 +1,14 @@
 """The library installed from its wheel, used outside the checkout.
 
-The wheel is built from this repository and installed (without dependencies: they are this
+The wheel is built from a copy of this repository's sources (a build folder left in the
+checkout cannot leak stale files into it) and installed (without dependencies: they are this
 environment's) into a folder of its own; every command then runs from an empty folder with
 only that install on the path, so a config or a module found through the checkout fails here.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +38,15 @@ VIEWS = {
 def installed(tmp_path_factory) -> Path:
     """The folder the wheel was installed into (``--target``)."""
     root = tmp_path_factory.mktemp("install")
+    source = root / "source"  # what the wheel is built from, without the checkout's build/
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("src", "conf"):  # src/entityseg/conf stays a link to conf/
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    build = [*pip, "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", root / "wheel"]
+    build = [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", root / "wheel"]
     subprocess.run(build, check=True, timeout=300, cwd=root)
     (wheel,) = (root / "wheel").glob("entityseg-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", root / "site", wheel], check=True)
