@@ -128,6 +128,7 @@ def test_profile_parts_times_every_part_and_writes_kernel_tables(tmp_path):
 
 @pytest.mark.slow
 def test_onnx_rows_beside_the_pytorch_rows(tmp_path):
+    # Image-O only: one export (tests/test_export.py covers both files)
     out = tmp_path / "bench.json"
     result = run_python(
         "scripts/benchmark.py",
@@ -135,7 +136,7 @@ def test_onnx_rows_beside_the_pytorch_rows(tmp_path):
         "--runs", "1", "--warmup", "0", "--threads", "1", "--tasks", "forward",
         "--views", "1", "--onnx", "--no-hf", "--json", out,
         timeout=600,
-    )  # fmt: skip  (Image-O only: one export; tests/test_export.py covers both files)
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {(r["impl"], r["mode"], r["views"]) for r in rows} == {
