@@ -29,7 +29,7 @@ Tasks (``--tasks``; input ``[1, V, 3, H, W]`` random, zero-padded to a multiple 
     runs this one too), ``batch_oc`` with V = 5 (I^O + fixed4 crops) and V = 9 (fixed8); with
     ``--onnx`` the exported file beside each (``image_o`` from the image-level file);
   * ``end_to_end``: the forward + ``fuse_entities`` at an original size of H x W (real
-    ``crop_boxes``, delta 0.7) + RLE records (``to_coco_results``); with random weights the
+    ``crop_boxes``, delta 0.7) + RLE records (``Entities.to_coco``); with random weights the
     number of entities (and so the fusion/RLE cost) is whatever the untrained net gives;
   * ``train_step``: forward + ``cfg.model.criterion`` + backward, batch 2 of 2 views (I^O and
     one crop), 4 random rectangle entities per image (mode ``train``);
@@ -84,7 +84,7 @@ from entityseg.data.datamodule import test_view_config
 from entityseg.data.synthetic import generate_dataset
 from entityseg.data.views import collate_views, prediction_views
 from entityseg.inference.cuda_graphs import graphed
-from entityseg.inference.fusion import fuse_entities, to_coco_results
+from entityseg.inference.fusion import fuse_entities
 from entityseg.inference.runner import resolve_view_chunk, run_modes
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -422,7 +422,7 @@ class Bench:
                         overlapping=settings.overlapping,
                         query_chunk=settings.query_chunk,
                     )
-                    return [to_coco_results(e, image_id=1) for e in entities]
+                    return [e.to_coco(image_id=1) for e in entities]
 
             run = forward if task == "forward" else end_to_end
             group = [Case("entityseg", task, mode, views, h, w, run, self.extra)]
@@ -550,7 +550,7 @@ class Bench:
                     show_progress=False,
                     view_chunk=settings.get("view_chunk"),
                 )["batch_oc"]
-            return to_coco_results(result.entities[1], 1)
+            return result.entities[1].to_coco(1)
 
         extra = {
             **self.extra,

@@ -23,6 +23,7 @@ stored) needs ``views=``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -359,14 +360,12 @@ def stored_view_keys(checkpoint: Mapping) -> dict | None:
     return None
 
 
-_DEFAULT_SETTINGS = dict(
-    max_entities=100,
-    overlapping=False,
-    query_chunk=16,
-    compat="entityseg",
-    view_chunk="auto",
-    cuda_graphs=False,
-)
+#: The :data:`INFERENCE_KEYS` defaults of :class:`EntitySegmenter`, read from its signature.
+_DEFAULT_SETTINGS = {
+    key: parameter.default
+    for key, parameter in inspect.signature(EntitySegmenter.__init__).parameters.items()
+    if key in INFERENCE_KEYS
+}
 
 
 def _resolve_view_keys(

@@ -25,7 +25,6 @@ from entityseg.config import ConfigError
 from entityseg.data.datamodule import EntityDataModule, view_keys
 from entityseg.data.transforms import denormalize
 from entityseg.evaluation.entity_ap import EntityAP
-from entityseg.inference.fusion import to_coco_results
 from entityseg.inference.runner import check_precision, infer_batch, resolve_view_chunk
 from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY, load_weights
 from entityseg.viz import compare_modes, image_grid
@@ -169,7 +168,7 @@ class CropFormerModule(L.LightningModule):
             results = [
                 r
                 for image_id, entities in zip(batch["image_ids"].tolist(), fused[mode], strict=True)
-                for r in to_coco_results(entities, image_id)
+                for r in entities.to_coco(image_id)
             ]
             self.metrics[f"{split}_{mode}"].update(results)
         every = self.hparams.log_images_every_n_steps

@@ -22,7 +22,6 @@ from entityseg.inference.fusion import (
     entity_probabilities,
     fuse_entities,
     fused_probabilities,
-    to_coco_results,
     views_for_mode,
 )
 
@@ -293,12 +292,12 @@ def test_rles_decode_with_pycocotools_and_coco_results():
     assert entities.masks(SIZE, SIZE).shape == (2, SIZE, SIZE)
     with pytest.raises(ValueError):
         entities.masks(10, 10)
-    records = to_coco_results(entities, image_id=7)
+    records = entities.to_coco(image_id=7)
     assert [set(r) for r in records] == [{"image_id", "category_id", "segmentation", "score"}] * 2
     assert all(r["image_id"] == 7 and r["category_id"] == 1 for r in records)
     assert [r["score"] for r in records] == entities.scores.tolist()
     json.dumps(records)
-    with_boxes = to_coco_results(entities, image_id=7, include_bbox=True)
+    with_boxes = entities.to_coco(image_id=7, include_bbox=True)
     assert with_boxes[0]["bbox"] == [0.0, 4.0, 32.0, 8.0]
 
 
@@ -306,7 +305,7 @@ def test_no_entities():
     entities = fuse(batch_outputs(empty_masks(1, 3), [0.9] * 3), [FULL], "batch_o")
     assert len(entities) == 0 and entities.scores.shape == (0,)
     assert entities.masks().shape == (0, SIZE, SIZE)
-    assert to_coco_results(entities, 1) == []
+    assert entities.to_coco(1) == []
 
 
 def reference_case(shared_data, name: str, index: int, mode: str):

@@ -349,11 +349,6 @@ def fused_probabilities(
     return _fuse_views(view_masks, pixel_boxes, valid_sizes, orig_size, coverage)
 
 
-def to_coco_results(entities: Entities, image_id: int, include_bbox: bool = False) -> list[dict]:
-    """:meth:`Entities.to_coco` as a function (for ``map`` and older callers)."""
-    return entities.to_coco(image_id, include_bbox)
-
-
 def encode_mask(mask: torch.Tensor) -> dict:
     """COCO RLE (``counts`` as str) of a bool mask [H, W] on any device."""
     columns_first = mask.t().contiguous().cpu().numpy()  # [W, H] C order = [H, W] Fortran order
