@@ -39,6 +39,17 @@ def tiny_model(num_queries: int = 8, **association):
     return CropFormer(**config)
 
 
+def write_tiny_checkpoint(path: Path, views: dict) -> Path:
+    """A :func:`tiny_model` checkpoint as training writes one (weights, network config and the
+    test views ``views``: the ``data`` config's test keys). Returns ``path``."""
+    from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY
+
+    net = tiny_model()
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, NET_CONFIG_KEY: net.config, VIEWS_KEY: views}, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real COCO photos and the release's reference outputs), read-only."""
@@ -66,6 +77,36 @@ def coco_sample(shared_data, tmp_path) -> Path:
     dst = tmp_path / "coco_panoptic_sample"
     shutil.copytree(shared_data / "coco_panoptic_sample", dst)
     return dst
+
+
+#: The photos of :func:`write_awkward_photos`.
+PHOTOS = ["deep.png", "grey.png", "palette.png", "rgb.jpg", "rgba.png", "rotated.jpg"]
+
+
+def write_awkward_photos(folder: Path) -> Path:
+    """:data:`PHOTOS` in ``folder``: synthetic scenes of different sizes in awkward encodings
+    (16-bit, greyscale, palette, RGBA, EXIF-rotated JPEG). Returns ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    from entityseg.data.synthetic import generate_dataset
+
+    generate_dataset(folder / "scenes", num_images=2, seed=3, height=96, width=128)
+    first, second = sorted((folder / "scenes/images").glob("*.jpg"))
+    scene = Image.open(first).convert("RGB")
+    other = Image.open(second).convert("RGB").crop((0, 0, 112, 80))
+    scene.save(folder / "rgb.jpg", quality=95)
+    other.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    rgba = other.resize((100, 90))
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    scene.convert("L").save(folder / "grey.png")
+    deep = np.asarray(other.convert("L"), dtype=np.uint16) * 257  # 16-bit, full range
+    Image.fromarray(deep).save(folder / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
+    scene.save(folder / "rotated.jpg", exif=exif, quality=95)
+    return folder
 
 
 def make_datamodule(root: Path, **kwargs):

@@ -15,12 +15,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from conftest import run_python
+from conftest import PHOTOS, run_python, write_awkward_photos
 from entityseg import CheckpointError, Entities, EntitySegmenter
 from entityseg.config import ConfigError
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.data.errors import EntityDataError
-from entityseg.data.synthetic import generate_dataset
 from entityseg.interop.release import convert_release
 from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY, read_checkpoint
 
@@ -55,27 +54,8 @@ def segmenter(trained):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """Photos of different sizes in awkward encodings: file name -> what it was made from."""
-    folder = tmp_path_factory.mktemp("photos")
-    generate_dataset(folder / "scenes", num_images=2, seed=3, height=96, width=128)
-    first, second = sorted((folder / "scenes/images").glob("*.jpg"))
-    scene = Image.open(first).convert("RGB")
-    other = Image.open(second).convert("RGB").crop((0, 0, 112, 80))
-    scene.save(folder / "rgb.jpg", quality=95)
-    other.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
-    rgba = other.resize((100, 90))
-    rgba.putalpha(128)
-    rgba.save(folder / "rgba.png")
-    scene.convert("L").save(folder / "grey.png")
-    deep = np.asarray(other.convert("L"), dtype=np.uint16) * 257  # 16-bit, full range
-    Image.fromarray(deep).save(folder / "deep.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
-    scene.save(folder / "rotated.jpg", exif=exif, quality=95)
-    return folder
-
-
-PHOTOS = ["deep.png", "grey.png", "palette.png", "rgb.jpg", "rgba.png", "rotated.jpg"]
+    """Photos of different sizes in awkward encodings (:data:`PHOTOS`)."""
+    return write_awkward_photos(tmp_path_factory.mktemp("photos"))
 
 
 def predict(checkpoint, images, out, tmp_path, *overrides):
@@ -345,3 +325,33 @@ def test_bad_inputs_fail_in_one_line(segmenter, trained, tmp_path):
         EntitySegmenter.from_checkpoint(trained[0], precision="fp16")
     with pytest.raises(ConfigError, match="inference.mode='batch'"):
         EntitySegmenter.from_checkpoint(trained[0], mode="batch")
+
+
+def test_replace_shares_the_network_and_changes_the_settings(segmenter, photos):
+    path = photos / "rgb.jpg"
+    other = segmenter.replace(
+        "batch_c", test_crop_layout="fixed4", crop_delta=0.7, overlapping=True
+    )
+    assert other.net is segmenter.net and other.mode == "batch_c"
+    assert (other.views.crop_layout, other.views.crop_delta) == ("fixed4", 0.7)
+    assert other.views.short_sizes == segmenter.views.short_sizes and other.overlapping
+    assert len(other(path).crop_boxes) == 4 and len(segmenter(path).crop_boxes) == 8
+    everything = other(path)
+    threshold = float(everything.scores.median())
+    kept = other.replace(score_threshold=threshold)(path)
+    assert kept.rles == everything.scoring_at_least(threshold).rles and len(kept) < len(everything)
+    assert other.replace(score_threshold=threshold).settings()["inference.score_threshold"] == (
+        threshold
+    )
+    with pytest.raises(ConfigError, match=r"^inference.score_threshold=1.5: must be in \[0, 1\]"):
+        segmenter.replace(score_threshold=1.5)
+    with pytest.raises(ConfigError, match="^colour='red': unknown setting"):
+        segmenter.replace(colour="red")
+
+
+def test_segment_modes_gives_each_mode_as_alone(segmenter, photos):
+    image = read_rgb_image(photos / "rotated.jpg")
+    together = segmenter.segment_modes(image, ["image_o", "batch_oc", "batch_c"])
+    for mode, entities in together.items():
+        alone = segmenter.segment(image, mode)
+        assert entities.rles == alone.rles and entities.scores.tolist() == alone.scores.tolist()

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import REPO, tiny_model
-from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY
+from conftest import REPO, write_tiny_checkpoint
 
 #: The checkpoint's test views: predict must use these, not the data config's.
 VIEWS = {
@@ -64,11 +62,7 @@ def run_installed(site: Path, cwd: Path, *command: str) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny network's checkpoint as training writes it: weights, network config, views."""
-    net = tiny_model()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, NET_CONFIG_KEY: net.config, VIEWS_KEY: VIEWS}, path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", VIEWS)
 
 
 def test_the_wheel_carries_every_config(installed):

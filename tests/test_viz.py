@@ -6,6 +6,8 @@ from entityseg.inference.fusion import Entities
 from entityseg.viz import (
     compare_modes,
     entity_colors,
+    fit_within,
+    highlight_entities,
     id_map_from_rles,
     image_grid,
     overlay_id_map,
@@ -53,3 +55,25 @@ def test_image_grid_rows():
     tiles = [np.zeros((10, 12, 3), np.uint8)] * 5
     grid = image_grid(tiles, columns=2, gap=2)
     assert grid.shape == (3 * (10 + 2), 2 * 12 + 2, 3)
+
+
+def test_highlight_colours_only_the_chosen_entities_and_rings_them():
+    image = np.full((40, 60, 3), 100, np.uint8)
+    id_map = np.zeros((40, 60), np.uint16)
+    id_map[5:20, 5:25] = 1
+    id_map[22:38, 30:55] = 2
+    out = highlight_entities(image, id_map, [2])
+    full = overlay_id_map(image, id_map)
+    assert np.array_equal(out[30, 42], full[30, 42])  # entity 2 inside: coloured as usual
+    assert np.array_equal(out[12, 15], image[12, 15])  # entity 1 inside: the photo itself
+    assert np.array_equal(out[5, 15], [160, 160, 160])  # entity 1's outline in grey
+    assert np.array_equal(out[22, 42], [255, 220, 0])  # entity 2 ringed in yellow
+    nothing = highlight_entities(image, id_map, [])  # only the grey outlines on the photo
+    outline = (nothing != image).any(-1)
+    assert outline.any() and (nothing[outline] == 160).all()
+
+
+def test_fit_within_shrinks_only_large_pictures():
+    picture = np.zeros((300, 1200, 3), np.uint8)
+    assert fit_within(picture, 600).shape == (150, 600, 3)
+    assert fit_within(picture, 2000) is picture

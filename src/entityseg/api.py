@@ -68,6 +68,7 @@ INFERENCE_KEYS = (
     "compat",
     "view_chunk",
     "cuda_graphs",
+    "score_threshold",
 )
 
 #: Test views as :meth:`EntitySegmenter.from_checkpoint` takes them: a ``ViewConfig`` or the
@@ -92,6 +93,7 @@ def check_inference_settings(
     compat: str,
     view_chunk: int | str | None,
     cuda_graphs: bool,
+    score_threshold: float = 0.0,
 ) -> None:
     """Raise :class:`ConfigError` naming the ``inference.*`` key of a value that cannot work."""
     if not _integer(max_entities) or max_entities < 0:
@@ -106,6 +108,9 @@ def check_inference_settings(
         raise ConfigError("inference.compat", compat, str(err)) from None
     resolve_view_chunk(view_chunk, "cpu")
     check_cuda_graphs(cuda_graphs)
+    number = isinstance(score_threshold, int | float) and not isinstance(score_threshold, bool)
+    if not (number and 0 <= score_threshold <= 1):
+        raise ConfigError("inference.score_threshold", score_threshold, "must be in [0, 1]")
 
 
 def check_modes(modes: Iterable[str]) -> list[str]:
@@ -128,8 +133,9 @@ class EntitySegmenter:
     (a Mask2Former network, without the batch decoder, predicts with ``image_o``, saying so
     once in the log); ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...;
     ``precision``: ``fp32`` or ``bf16`` (autocast). The keywords are
-    ``conf/inference/default.yaml``'s. A bad value raises :class:`~entityseg.config.ConfigError`
-    naming the config key (``inference.compat='x': ...``).
+    ``conf/inference/default.yaml``'s (``score_threshold``: entities scoring less are dropped
+    after fusion; 0 keeps every one, as AP^e needs). A bad value raises
+    :class:`~entityseg.config.ConfigError` naming the config key (``inference.compat='x': ...``).
     """
 
     def __init__(
@@ -146,10 +152,11 @@ class EntitySegmenter:
         compat: str = "entityseg",
         view_chunk: int | str | None = "auto",
         cuda_graphs: bool = False,
+        score_threshold: float = 0.0,
     ) -> None:
         check_precision(precision)
         check_inference_settings(
-            max_entities, overlapping, query_chunk, compat, view_chunk, cuda_graphs
+            max_entities, overlapping, query_chunk, compat, view_chunk, cuda_graphs, score_threshold
         )
         _check_views(view_config_keys(views))
         self.device = pick_device(device)
@@ -162,6 +169,7 @@ class EntitySegmenter:
         self.compat = compat
         self.view_chunk = view_chunk
         self.cuda_graphs = cuda_graphs
+        self.score_threshold = score_threshold
         self.mode = self.usable_modes(check_modes([mode]))[0]
         self._forward = graphed(self.net, cuda_graphs, self.device)  # one graph cache
 
@@ -275,11 +283,17 @@ class EntitySegmenter:
 
     def segment(self, image: np.ndarray, mode: str | None = None) -> Entities:
         """The entities of one RGB uint8 image [H, W, 3] (a checked array: ``__call__``)."""
+        (mode,) = self.usable_modes([mode or self.mode])
+        return self.segment_modes(image, [mode])[mode]
+
+    def segment_modes(self, image: np.ndarray, modes: Sequence[str]) -> dict[str, Entities]:
+        """The entities of one RGB uint8 image [H, W, 3] in each of ``modes`` (the batch modes
+        share one forward of the views), e.g. Image-O beside Batch-OC. A mode the network
+        cannot run is left out (:meth:`usable_modes`)."""
         sample = prediction_views(image, self.views)  # images [V, 3, h, w], crop_boxes [V, 4]
         sample.update(image_id=0, file_name="", num_skipped=0)
-        (mode,) = self.usable_modes([mode or self.mode])
-        results = self.run([collate_views([sample])], [mode], show_progress=False)
-        return results[mode].entities[0]
+        results = self.run([collate_views([sample])], modes, show_progress=False)
+        return {mode: result.entities[0] for mode, result in results.items()}
 
     def run(
         self,
@@ -293,7 +307,7 @@ class EntitySegmenter:
         forward times: what ``runner.run_modes`` returns, with these settings.
         ``modes``: default ``[self.mode]``."""
         modes = self.usable_modes(check_modes(modes or [self.mode]))
-        return run_modes(
+        results = run_modes(
             self._forward,
             batches,
             modes,
@@ -306,6 +320,31 @@ class EntitySegmenter:
             precision=self.precision,
             compat=self.compat,
             view_chunk=self.view_chunk,
+        )
+        if self.score_threshold > 0:
+            for result in results.values():
+                result.entities = {
+                    image_id: entities.scoring_at_least(self.score_threshold)
+                    for image_id, entities in result.entities.items()
+                }
+        return results
+
+    def replace(self, mode: str | None = None, **overrides: Any) -> EntitySegmenter:
+        """This segmenter with other settings, sharing its network (nothing is loaded again):
+        ``overrides`` as :meth:`from_checkpoint`'s, e.g. ``replace(test_crop_layout="fixed8",
+        crop_delta=0.6, overlapping=True)``."""
+        _check_keywords(overrides)
+        settings = {key: getattr(self, key) for key in INFERENCE_KEYS}
+        settings.update({k: overrides[k] for k in INFERENCE_KEYS if k in overrides})
+        keys = {**self.view_keys, **{k: overrides[k] for k in TEST_VIEW_KEYS if k in overrides}}
+        _check_views(keys)
+        return EntitySegmenter(
+            self.net,
+            test_view_config(**keys),
+            mode or self.mode,
+            self.device,
+            self.precision,
+            **settings,
         )
 
     def usable_modes(self, modes: Sequence[str]) -> list[str]:
@@ -332,7 +371,14 @@ class EntitySegmenter:
         return {
             **{
                 f"inference.{key}": getattr(self, key)
-                for key in ("mode", "max_entities", "overlapping", "precision", "compat")
+                for key in (
+                    "mode",
+                    "max_entities",
+                    "overlapping",
+                    "score_threshold",
+                    "precision",
+                    "compat",
+                )
             },
             **{f"views.{key}": value for key, value in asdict(self.views).items()},
         }

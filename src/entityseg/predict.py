@@ -120,14 +120,20 @@ def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **opt
     os.replace(partial, path)
 
 
-def write_pictures(image: np.ndarray, entities: Entities, out_dir: Path, stem: str) -> None:
+def write_pictures(image: np.ndarray, entities: Entities, out_dir: Path, stem: str) -> np.ndarray:
     """The entity-id PNG (``Entities.to_id_map``) and the overlay JPEG (``Entities.overlay``,
-    crops drawn) of an image."""
+    crops drawn) of an image; returns the overlay."""
     id_map = entities.to_id_map()
     png, overlay_jpg = picture_paths(out_dir, stem)
     _save_then_rename(Image.fromarray(id_map), png, "PNG")  # uint16 -> 16-bit PNG
     overlay = entities.overlay(image, id_map=id_map)
     _save_then_rename(Image.fromarray(overlay), overlay_jpg, "JPEG", quality=90)
+    return overlay
+
+
+def prediction_records(entities: Entities, image_id: int, file_name: str) -> list[dict]:
+    """An image's records of ``predictions.json``: COCO results with its file name."""
+    return [{**record, "file_name": file_name} for record in entities.to_coco(image_id)]
 
 
 def run_settings(cfg: DictConfig, segmenter: EntitySegmenter) -> dict:
@@ -275,9 +281,7 @@ def main(cfg: DictConfig) -> None:
                 image_id = _image_id(index + 1, path.name, records, ids_taken)
             entities = segmenter(image)
             write_pictures(image, entities, out_dir, path.stem)
-            predictions = [
-                {**record, "file_name": path.name} for record in entities.to_coco(image_id)
-            ]
+            predictions = prediction_records(entities, image_id, path.name)
             offset = append_result(results, path.name, image_id, predictions)
             records[path.name] = (image_id, offset)
     num_entities, num_images = write_predictions(

@@ -111,3 +111,36 @@ def compare_modes(
         id_map = id_map_from_rles(entities.rles, height, width)
         panels.append(labelled(overlay_id_map(image, id_map), f"{mode}: {len(entities)}"))
     return side_by_side(panels)
+
+
+def highlight_entities(
+    image: np.ndarray, id_map: np.ndarray, highlighted: Iterable[int], alpha: float = 0.55
+) -> np.ndarray:
+    """The entities ``highlighted`` (ids of ``id_map``) coloured as :func:`overlay_id_map`
+    colours them and ringed in yellow; every other entity is only outlined in grey, so what is
+    highlighted (e.g. what the crops recovered) stands out."""
+    chosen = np.zeros(int(id_map.max()) + 1, dtype=bool)
+    chosen[[k for k in highlighted if 0 < k < len(chosen)]] = True
+    shown = np.where(chosen[id_map], id_map, 0).astype(id_map.dtype)
+    out = overlay_id_map(image, shown, alpha)
+    others = np.zeros(id_map.shape, dtype=bool)  # outlines of the entities not highlighted
+    others[:, 1:] |= id_map[:, 1:] != id_map[:, :-1]
+    others[1:, :] |= id_map[1:, :] != id_map[:-1, :]
+    out[others & (shown == 0)] = (160, 160, 160)
+    contours, _ = cv2.findContours(
+        (shown > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    thickness = max(2, round(min(out.shape[:2]) / 250))
+    cv2.drawContours(out, contours, -1, (255, 220, 0), thickness)
+    return out
+
+
+def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` shrunk (area interpolation) so that its longer side is at most ``max_side``:
+    a picture to show on a page; the full-size one is the download."""
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)

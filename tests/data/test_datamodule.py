@@ -260,6 +260,8 @@ def test_synthetic_set_is_generated_on_first_use(tmp_path):
         size_scale=0.25,
         batch_size=1,
     )
+    dm.prepare_data(splits=("val",))  # the web app's examples: the validation scenes only
+    assert (root / "val/annotations.json").is_file() and not (root / "train").exists()
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 1

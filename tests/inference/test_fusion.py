@@ -301,6 +301,19 @@ def test_rles_decode_with_pycocotools_and_coco_results():
     assert with_boxes[0]["bbox"] == [0.0, 4.0, 32.0, 8.0]
 
 
+def test_scoring_at_least_keeps_the_entities_at_or_above_the_threshold():
+    masks = empty_masks(1, 3)
+    for k in range(3):
+        masks[0, k, 2 * k : 2 * k + 2, :] = SURE
+    entities = fuse(batch_outputs(masks, [0.9, 0.8, 0.7]), [FULL], "batch_o")
+    threshold = float(entities.scores[1])
+    kept = entities.scoring_at_least(threshold)
+    assert kept.rles == entities.rles[:2] and kept.scores.tolist() == entities.scores[:2].tolist()
+    assert kept.query_indices.tolist() == entities.query_indices[:2].tolist()
+    assert kept.image_size == entities.image_size
+    assert len(entities.scoring_at_least(1.0)) == 0 and len(entities) == 3  # a copy
+
+
 def test_no_entities():
     entities = fuse(batch_outputs(empty_masks(1, 3), [0.9] * 3), [FULL], "batch_o")
     assert len(entities) == 0 and entities.scores.shape == (0,)

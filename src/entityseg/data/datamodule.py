@@ -338,8 +338,9 @@ class EntityDataModule(L.LightningDataModule):
             records.extend(part)
         return records
 
-    def prepare_data(self) -> None:
-        """Generate the synthetic train/val sets if configured and not on disk yet."""
+    def prepare_data(self, splits: Sequence[str] = ("train", "val")) -> None:
+        """Generate the synthetic train/val sets (``splits`` of them: the web app's examples
+        need only ``val``) if configured and not on disk yet."""
         syn = self.hparams.synthetic
         if syn is None:
             return
@@ -347,7 +348,7 @@ class EntityDataModule(L.LightningDataModule):
             ("train", self.hparams.train_json, 0),
             ("val", self.hparams.val_json, 1),
         ):
-            if Path(json_path).is_file():
+            if split not in splits or Path(json_path).is_file():
                 continue
             log.info("generating the synthetic %s set in %s", split, Path(json_path).parent)
             written = generate_dataset(

@@ -57,7 +57,7 @@ on the CPU from the final id map (plus a transposed int16 copy, H x W x 2 bytes)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -155,6 +155,16 @@ class Entities:
                 record["bbox"] = bboxes[k]
             records.append(record)
         return records
+
+    def scoring_at_least(self, threshold: float) -> Entities:
+        """The entities whose score is at least ``threshold``, in the same order."""
+        keep = self.scores >= threshold
+        return replace(
+            self,
+            rles=[rle for rle, kept in zip(self.rles, keep.tolist(), strict=True) if kept],
+            scores=self.scores[keep],
+            query_indices=self.query_indices[keep],
+        )
 
     def to_id_map(self) -> np.ndarray:
         """uint16 [H, W]: 0 where no entity, k + 1 on entity k (best first): the content of

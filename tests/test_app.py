@@ -1,0 +1,291 @@
+"""The web demo (``entityseg.app``) through Gradio's own test client, against a served page.
+
+Every upload goes through the HTTP API that the page's button calls. The downloads are compared
+with what ``python -m entityseg.predict`` writes for the same photos and settings, and the
+entities of each mode with the Python API's.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from omegaconf import OmegaConf
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from conftest import PHOTOS, run_python, write_awkward_photos, write_tiny_checkpoint
+from entityseg.api import EntitySegmenter
+from entityseg.app.__main__ import check_app_settings, how_to_get_a_checkpoint, serve
+from entityseg.app.page import build_page
+from entityseg.app.service import (
+    SegmentationService,
+    UploadError,
+    read_upload,
+    recovered_entities,
+)
+from entityseg.config import ConfigError
+from entityseg.inference.fusion import Entities
+
+#: The checkpoint's test views (what the page starts with).
+VIEWS = {
+    "test_short_size": 96,
+    "test_max_size": 160,
+    "size_scale": 1.0,
+    "crop_delta": 0.7,
+    "test_crop_layout": "fixed4",
+    "test_crop_resize": "same",
+    "pixel_mean": [123.675, 116.28, 103.53],
+    "pixel_std": [58.395, 57.12, 57.375],
+}
+#: The served page refuses uploads above this (the photos are at most 128 x 96 = 0.0123 MP).
+MAX_MEGAPIXELS = 0.015
+APP = dict(
+    host="127.0.0.1",
+    port=0,
+    max_megapixels=MAX_MEGAPIXELS,
+    max_file_mb=5,
+    examples=1,
+    keep_results=8,
+    display_side=64,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", VIEWS)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_awkward_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def segmenter(checkpoint) -> EntitySegmenter:
+    return EntitySegmenter.from_checkpoint(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(segmenter, photos, tmp_path_factory):
+    """Gradio's client of the page, served on a free port for this module."""
+    workdir = tmp_path_factory.mktemp("results")
+    service = SegmentationService(
+        segmenter, workdir, MAX_MEGAPIXELS, APP["keep_results"], APP["display_side"]
+    )
+    page = build_page(service, [photos / "rgb.jpg"], "tiny test network")
+    _, url, _ = serve(page, OmegaConf.create(APP), [workdir, photos], block=False)
+    yield Client(url, verbose=False)
+    page.close()
+
+
+def segment(client: Client, path: Path, mode="batch_oc", layout="fixed4", delta=0.7, **kwargs):
+    """The page's button: (input picture, overlay, summary, comparison, download paths)."""
+    choices = {"overlapping": False, "score_threshold": 0.0, "compare": False, **kwargs}
+    return client.predict(
+        handle_file(str(path)),
+        mode,
+        layout,
+        delta,
+        choices["overlapping"],
+        choices["score_threshold"],
+        choices["compare"],
+        api_name="/segment",
+    )
+
+
+def downloads_of(outputs) -> dict[str, Path]:
+    """The download files by name."""
+    files = [Path(f if isinstance(f, str) else f["path"]) for f in outputs[4]]
+    return {f.name: f for f in files}
+
+
+def records(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def test_downloads_are_what_predict_writes(client, checkpoint, segmenter, photos, tmp_path):
+    """The same photos and settings (fixed8, delta 0.6, a score threshold that drops entities):
+    the app's 16-bit PNG and overlay JPEG are predict's byte for byte, its COCO records are
+    predict's (image id 1: one image)."""
+    scores = segmenter.replace(test_crop_layout="fixed8", crop_delta=0.6)(photos / "rgb.jpg")
+    threshold = round(float(scores.scores.median()), 4)  # keeps some entities, drops others
+    out = tmp_path / "predicted"
+    result = run_python(
+        "-m",
+        "entityseg.predict",
+        f"ckpt_path={checkpoint}",
+        f"input={photos}/*.*g",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path}/hydra",
+        "data.test_crop_layout=fixed8",
+        "data.crop_delta=0.6",
+        f"inference.score_threshold={threshold}",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = records(out / "predictions.json")
+    dropped = 0
+    for name in PHOTOS:
+        stem = Path(name).stem
+        outputs = segment(
+            client, photos / name, "batch_oc", "fixed8", 0.6, score_threshold=threshold
+        )
+        files = downloads_of(outputs)
+        assert sorted(files) == sorted(
+            [f"{stem}.png", f"{stem}_overlay.jpg", f"{stem}_predictions.json"]
+        )
+        assert files[f"{stem}.png"].read_bytes() == (out / f"{stem}.png").read_bytes()
+        assert (
+            files[f"{stem}_overlay.jpg"].read_bytes() == (out / f"{stem}_overlay.jpg").read_bytes()
+        )
+        app_records = records(files[f"{stem}_predictions.json"])
+        expected = [r for r in predicted if r["file_name"] == name]
+        assert {r["image_id"] for r in app_records} <= {1}
+        assert [{**r, "image_id": 0} for r in app_records] == [
+            {**r, "image_id": 0} for r in expected
+        ]
+        assert all(r["score"] >= threshold for r in app_records)
+        assert outputs[2].startswith(f"**{len(app_records)} entities (Batch-OC)")
+        id_map = np.asarray(Image.open(files[f"{stem}.png"]))
+        assert id_map.dtype == np.uint16 and id_map.max() == len(app_records)
+        dropped += len(
+            segmenter.replace(test_crop_layout="fixed8", crop_delta=0.6)(photos / name)
+        ) - len(app_records)
+    assert dropped > 0  # the threshold took effect
+
+
+@pytest.mark.parametrize("mode", ["image_o", "batch_o", "batch_c", "batch_oc"])
+def test_each_mode_gives_the_api_entities(client, segmenter, photos, mode):
+    path = photos / "rotated.jpg"
+    outputs = segment(client, path, mode, overlapping=True)
+    expected = segmenter.replace(overlapping=True)(path, mode).to_coco(1)
+    app_records = records(downloads_of(outputs)[f"{path.stem}_predictions.json"])
+    assert [{k: r[k] for k in ("segmentation", "score")} for r in app_records] == [
+        {k: r[k] for k in ("segmentation", "score")} for r in expected
+    ]
+    picture = np.asarray(Image.open(outputs[1]))  # the overlay, at the page's size
+    assert max(picture.shape[:2]) == APP["display_side"]
+    assert outputs[3] == {"__type__": "update", "visible": False, "value": None}  # not asked
+
+
+def test_comparison_shows_what_the_crops_recovered(client, segmenter, photos):
+    path = photos / "rgb.jpg"
+    outputs = segment(client, path, "batch_o", compare=True)
+    image_o, batch_oc = segmenter(path, "image_o"), segmenter(path, "batch_oc")
+    recovered = recovered_entities(batch_oc, image_o)
+    assert f"Image-O finds {len(image_o)}, Batch-OC recovers {len(recovered)}" in outputs[2]
+    assert outputs[2].startswith(f"**{len(segmenter(path, 'batch_o'))} entities (Batch-O)")
+    assert outputs[3]["visible"] is True
+    comparison = np.asarray(Image.open(outputs[3]["value"]))
+    assert comparison.shape[1] > comparison.shape[0]  # two panels side by side
+
+
+def test_recovered_entities_against_a_naive_iou():
+    rng = np.random.default_rng(0)
+    masks = rng.random((7, 20, 24)) < 0.3
+    masks[1] = masks[0]  # found twice: not recovered
+    masks[3, :10] = masks[4, :10]  # overlaps a baseline entity by about half
+
+    def entities(stack):
+        rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in stack]
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode()
+        scores = np.linspace(0.9, 0.1, len(stack))
+        import torch
+
+        return Entities(rles, torch.tensor(scores), torch.arange(len(stack)), (20, 24))
+
+    found, baseline = entities(masks[[0, 2, 3, 5]]), entities(masks[[1, 4, 6]])
+    naive = []
+    for k, f in enumerate(masks[[0, 2, 3, 5]]):
+        ious = [(f & b).sum() / (f | b).sum() for b in masks[[1, 4, 6]]]
+        if max(ious) < 0.5:
+            naive.append(k)
+    assert recovered_entities(found, baseline) == naive and 0 not in naive
+    assert recovered_entities(found, entities(masks[:0])) == [0, 1, 2, 3]
+
+
+def test_bad_uploads_are_one_line_messages(client, photos, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((photos / "rgb.jpg").read_bytes()[:400])
+    large = tmp_path / "large.png"
+    Image.new("RGB", (200, 100)).save(large)
+    expected = {
+        text: "notes.jpg: not an image file (JPEG, PNG, TIFF, WebP, ...)",
+        empty: "empty.png: not an image file (JPEG, PNG, TIFF, WebP, ...)",
+        large: "large.png: 200x100 is 0.02 megapixels, above this demo's limit of 0.015 "
+        "(app.max_megapixels)",
+    }
+    for path, message in expected.items():
+        with pytest.raises(AppError) as caught:
+            segment(client, path)
+        assert str(caught.value) == message
+    with pytest.raises(AppError) as caught:
+        segment(client, truncated)
+    message = str(caught.value)
+    assert message.startswith("truncated.jpg: corrupt image (") and "\n" not in message
+    assert str(tmp_path) not in message  # the server's paths stay on the server
+    with pytest.raises(AppError) as caught:  # the page's own range check
+        segment(client, photos / "rgb.jpg", delta=1.5)
+    assert str(caught.value) == "Value 1.5 is greater than maximum value 1.0."
+
+
+def test_bad_choices_are_config_errors(segmenter, photos, tmp_path):
+    service = SegmentationService(segmenter, tmp_path)
+    for choice, key in [
+        ({"crop_delta": 1.5}, "data.crop_delta"),
+        ({"mode": "x"}, "inference.mode"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{key}="):
+            service.segment(photos / "rgb.jpg", replace(service.defaults, **choice))
+
+
+def test_read_upload_reads_as_predict_reads(photos):
+    from entityseg.data.coco_entity import read_rgb_image
+
+    for name in PHOTOS:
+        assert np.array_equal(read_upload(photos / name, 1), read_rgb_image(photos / name))
+    with pytest.raises(UploadError, match=r"^rgb.jpg: 128x96 is 0.0123 megapixels, above"):
+        read_upload(photos / "rgb.jpg", 0.01)
+
+
+def test_app_settings_are_checked():
+    check_app_settings(OmegaConf.create(APP))
+    for key, value in [("port", 70000), ("max_megapixels", 0), ("examples", -1), ("port", "x")]:
+        with pytest.raises(ConfigError, match=f"^app.{key}="):
+            check_app_settings(OmegaConf.create({**APP, key: value}))
+
+
+def test_without_a_checkpoint_it_says_how_to_get_one(tmp_path):
+    message = how_to_get_a_checkpoint(tmp_path)
+    assert "make demo" in message and "entityseg.convert_release" in message
+    older = tmp_path / "demo/runs/1/checkpoints/last.ckpt"
+    newer = tmp_path / "demo/runs/2/checkpoints/best.ckpt"
+    for path in (older, newer):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    import os
+
+    os.utime(older, (1, 1))
+    assert f"ckpt_path={newer}" in how_to_get_a_checkpoint(tmp_path)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    for overrides, expected in [
+        (["app.port=70000"], "app.port=70000: must be a port number"),
+        ([f"ckpt_path={tmp_path}/missing.ckpt"], f"ckpt_path={tmp_path}/missing.ckpt:"),
+    ]:
+        result = run_python(
+            "-m", "entityseg.app", f"hydra.run.dir={tmp_path}/hydra", *overrides, timeout=120
+        )
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert expected in last and "Traceback" not in result.stderr
