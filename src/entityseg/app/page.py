@@ -53,7 +53,7 @@ def build_page(
                     gr.Examples(
                         [[str(p)] for p in examples],
                         inputs=[upload],
-                        label="Synthetic validation scenes",
+                        label="Examples: validation images",
                     )
                 mode = gr.Radio(
                     [(PAPER_NAMES[m], m) for m in service.modes],
