@@ -17,7 +17,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from conftest import PHOTOS, run_python, write_awkward_photos, write_tiny_checkpoint
+from conftest import (
+    PHOTOS,
+    run_python,
+    tiny_model,
+    write_awkward_photos,
+    write_tiny_checkpoint,
+)
 from entityseg.api import EntitySegmenter
 from entityseg.app.__main__ import check_app_settings, how_to_get_a_checkpoint, serve
 from entityseg.app.page import build_page
@@ -246,6 +252,27 @@ def test_bad_choices_are_config_errors(segmenter, photos, tmp_path):
     ]:
         with pytest.raises(ConfigError, match=f"^{key}="):
             service.segment(photos / "rgb.jpg", replace(service.defaults, **choice))
+
+
+def test_page_offers_what_the_network_and_compat_can_do(segmenter, tmp_path):
+    def overlapping_checkbox(service):
+        page = build_page(service)
+        (checkbox,) = [
+            c for c in page.config["components"] if c["props"].get("elem_id") == "overlapping"
+        ]
+        return checkbox["props"]
+
+    assert overlapping_checkbox(SegmentationService(segmenter, tmp_path))["interactive"] is True
+    release = SegmentationService(segmenter.replace(compat="release"), tmp_path)
+    assert not release.can_overlap and overlapping_checkbox(release)["interactive"] is False
+    assert SegmentationService(segmenter, tmp_path).modes == [
+        "image_o",
+        "batch_o",
+        "batch_c",
+        "batch_oc",
+    ]
+    mask2former = EntitySegmenter(tiny_model(enabled=False), segmenter.views, device="cpu")
+    assert SegmentationService(mask2former, tmp_path).modes == ["image_o"]  # no batch decoder
 
 
 def test_read_upload_reads_as_predict_reads(photos):

@@ -67,7 +67,11 @@ def build_page(
                     0.3, 1.0, value=defaults.crop_delta, step=0.05, label="Crop ratio delta"
                 )
                 overlapping = gr.Checkbox(
-                    value=defaults.overlapping, label="Overlapping masks (the paper's AP)"
+                    value=defaults.overlapping,
+                    label="Overlapping masks (the paper's AP)",
+                    interactive=service.can_overlap,
+                    info=None if service.can_overlap else "compat=release: non-overlapping only",
+                    elem_id="overlapping",
                 )
                 threshold = gr.Slider(
                     0.0, 1.0, value=defaults.score_threshold, step=0.01, label="Score threshold"

@@ -183,6 +183,12 @@ class SegmentationService:
         return ["image_o"]
 
     @property
+    def can_overlap(self) -> bool:
+        """Whether overlapping masks can be asked for (not under ``compat=release``, whose
+        entities never overlap)."""
+        return self.segmenter.compat != "release"
+
+    @property
     def defaults(self) -> Choices:
         """The checkpoint's mode, crops and fusion settings."""
         views = self.segmenter.views
