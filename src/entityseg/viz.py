@@ -42,11 +42,16 @@ def overlay_id_map(image: np.ndarray, id_map: np.ndarray, alpha: float = 0.55) -
     painted = colors[id_map].astype(np.float32)
     covered = (id_map > 0)[..., None]
     out = np.where(covered, (1 - alpha) * image + alpha * painted, image).astype(np.uint8)
+    out[entity_edges(id_map)] = 255
+    return out
+
+
+def entity_edges(id_map: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the pixels whose left or upper neighbour has another id (the outlines)."""
     edges = np.zeros(id_map.shape, dtype=bool)
     edges[:, 1:] |= id_map[:, 1:] != id_map[:, :-1]
     edges[1:, :] |= id_map[1:, :] != id_map[:-1, :]
-    out[edges] = 255
-    return out
+    return edges
 
 
 def overlay_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -123,10 +128,7 @@ def highlight_entities(
     chosen[[k for k in highlighted if 0 < k < len(chosen)]] = True
     shown = np.where(chosen[id_map], id_map, 0).astype(id_map.dtype)
     out = overlay_id_map(image, shown, alpha)
-    others = np.zeros(id_map.shape, dtype=bool)  # outlines of the entities not highlighted
-    others[:, 1:] |= id_map[:, 1:] != id_map[:, :-1]
-    others[1:, :] |= id_map[1:, :] != id_map[:-1, :]
-    out[others & (shown == 0)] = (160, 160, 160)
+    out[entity_edges(id_map) & (shown == 0)] = (160, 160, 160)  # the others' outlines
     contours, _ = cv2.findContours(
         (shown > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
     )
