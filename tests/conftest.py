@@ -39,7 +39,20 @@ def tiny_model(num_queries: int = 8, **association):
     return CropFormer(**config)
 
 
-def write_tiny_checkpoint(path: Path, views: dict) -> Path:
+#: Small test views (the ``data`` config's test keys) for :func:`write_tiny_checkpoint`.
+TINY_VIEWS = {
+    "test_short_size": 96,
+    "test_max_size": 160,
+    "size_scale": 1.0,
+    "crop_delta": 0.7,
+    "test_crop_layout": "fixed4",
+    "test_crop_resize": "same",
+    "pixel_mean": [123.675, 116.28, 103.53],
+    "pixel_std": [58.395, 57.12, 57.375],
+}
+
+
+def write_tiny_checkpoint(path: Path, views: dict = TINY_VIEWS) -> Path:
     """A :func:`tiny_model` checkpoint as training writes one (weights, network config and the
     test views ``views``: the ``data`` config's test keys). Returns ``path``."""
     from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY

@@ -36,17 +36,6 @@ from entityseg.app.service import (
 from entityseg.config import ConfigError
 from entityseg.inference.fusion import Entities
 
-#: The checkpoint's test views (what the page starts with).
-VIEWS = {
-    "test_short_size": 96,
-    "test_max_size": 160,
-    "size_scale": 1.0,
-    "crop_delta": 0.7,
-    "test_crop_layout": "fixed4",
-    "test_crop_resize": "same",
-    "pixel_mean": [123.675, 116.28, 103.53],
-    "pixel_std": [58.395, 57.12, 57.375],
-}
 #: The served page refuses uploads above this (the photos are at most 128 x 96 = 0.0123 MP).
 MAX_MEGAPIXELS = 0.015
 APP = dict(
@@ -62,7 +51,7 @@ APP = dict(
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", VIEWS)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -39,16 +39,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-VIEWS = {
-    "test_short_size": 96,
-    "test_max_size": 160,
-    "size_scale": 1.0,
-    "crop_delta": 0.7,
-    "test_crop_layout": "fixed4",
-    "test_crop_resize": "same",
-    "pixel_mean": [123.675, 116.28, 103.53],
-    "pixel_std": [58.395, 57.12, 57.375],
-}
 COMPARE = "Image-O beside Batch-OC (what the crops recover)"
 
 
@@ -103,7 +93,7 @@ def running_app(tmp_path: Path, *overrides: str):
 def test_upload_and_segment_batch_oc_in_chromium(browser, tmp_path):
     photos = write_awkward_photos(tmp_path / "photos")
     checkpoint = os.environ.get("ENTITYSEG_APP_CKPT") or write_tiny_checkpoint(
-        tmp_path / "tiny.ckpt", VIEWS
+        tmp_path / "tiny.ckpt"
     )
     # EXIF-rotated: the page must read it as predict does
     photo = Path(os.environ.get("ENTITYSEG_APP_PHOTO") or photos / "rotated.jpg")

@@ -43,9 +43,10 @@ def example_images(cfg: DictConfig) -> list[Path]:
         return []
     if cfg.data.get("synthetic") is not None:
         instantiate_checked(cfg.data, "data").prepare_data(splits=("val",))
+    from entityseg.predict import IMAGE_SUFFIXES
+
     folder = Path(cfg.data.val_images)
-    suffixes = {".jpg", ".jpeg", ".png"}
-    images = sorted(p for p in folder.glob("*") if p.suffix.lower() in suffixes)
+    images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return images[: cfg.app.examples]
 
 

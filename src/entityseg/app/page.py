@@ -26,29 +26,19 @@ THEME = gr.themes.Default(
     font_mono=["ui-monospace", "monospace"],
 )
 
-#: The page's names for the elements a browser test looks for.
-ELEMENT_IDS = {
-    "upload": "upload",
-    "run": "run",
-    "input": "input-view",
-    "overlay": "overlay",
-    "summary": "summary",
-    "comparison": "comparison",
-    "downloads": "downloads",
-}
-
 
 def build_page(
     service: SegmentationService, examples: Sequence[Path] = (), about: str = ""
 ) -> gr.Blocks:
     """The demo page of ``service``; ``examples``: photos offered beside the upload;
-    ``about``: a line on the checkpoint and its views."""
+    ``about``: a line on the checkpoint and its views. The ``elem_id`` s are what
+    ``tests/test_app_browser.py`` looks for."""
     defaults = service.defaults
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600), analytics_enabled=False) as page:
         gr.Markdown(f"## {TITLE}\n{about}")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                upload = gr.File(label="Photo", type="filepath", elem_id=ELEMENT_IDS["upload"])
+                upload = gr.File(label="Photo", type="filepath", elem_id="upload")
                 if examples:
                     gr.Examples(
                         [[str(p)] for p in examples],
@@ -81,30 +71,28 @@ def build_page(
                     label="Image-O beside Batch-OC (what the crops recover)",
                     visible=len(service.modes) > 1,
                 )
-                run = gr.Button("Segment", variant="primary", elem_id=ELEMENT_IDS["run"])
+                run = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 with gr.Row():
                     shown_input = gr.Image(
                         label="Input, crops drawn",
                         interactive=False,
-                        elem_id=ELEMENT_IDS["input"],
+                        elem_id="input-view",
                     )
-                    overlay = gr.Image(
-                        label="Entities", interactive=False, elem_id=ELEMENT_IDS["overlay"]
-                    )
-                summary = gr.Markdown(elem_id=ELEMENT_IDS["summary"])
+                    overlay = gr.Image(label="Entities", interactive=False, elem_id="overlay")
+                summary = gr.Markdown(elem_id="summary")
                 comparison = gr.Image(
                     label="Image-O | Batch-OC, what the crops recovered in colour",
                     show_label=False,  # the panels carry their own labels
                     interactive=False,
                     visible=False,
-                    elem_id=ELEMENT_IDS["comparison"],
+                    elem_id="comparison",
                 )
                 downloads = gr.File(
                     label="Downloads: entity-id PNG (16-bit), overlay, COCO results",
                     file_count="multiple",
                     interactive=False,
-                    elem_id=ELEMENT_IDS["downloads"],
+                    elem_id="downloads",
                 )
 
         # a gr.Progress() default is how Gradio knows to show a progress bar
@@ -133,7 +121,7 @@ def build_page(
 def missing_checkpoint_page(message: str) -> gr.Blocks:
     """What the app serves without ``ckpt_path``: how to get a checkpoint."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as page:
-        gr.Markdown(f"## {TITLE}\n{message}", elem_id=ELEMENT_IDS["summary"])
+        gr.Markdown(f"## {TITLE}\n{message}", elem_id="summary")
     return page
 
 

@@ -26,7 +26,7 @@ from entityseg.api import EntitySegmenter
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.data.errors import EntityDataError
 from entityseg.evaluate import PAPER_NAMES
-from entityseg.inference.fusion import Entities
+from entityseg.inference.fusion import INFERENCE_MODES, Entities
 from entityseg.predict import picture_paths, prediction_records, write_pictures
 from entityseg.viz import (
     draw_boxes,
@@ -173,14 +173,9 @@ class SegmentationService:
         self.max_megapixels = max_megapixels
         self.keep_results = keep_results
         self.display_side = display_side
+        #: the Table 7 modes this network runs (Image-O only for a Mask2Former network)
+        self.modes = segmenter.usable_modes(INFERENCE_MODES)
         self._results: list[Path] = []
-
-    @property
-    def modes(self) -> list[str]:
-        """The Table 7 modes this network runs (Image-O only for a Mask2Former network)."""
-        if self.segmenter.net.has_batch_decoder:
-            return list(PAPER_NAMES)
-        return ["image_o"]
 
     @property
     def can_overlap(self) -> bool:
@@ -221,7 +216,7 @@ class SegmentationService:
         image = read_upload(path, self.max_megapixels)
         segmenter = self.segmenter_for(choices)
         modes = [segmenter.mode]
-        compare = choices.compare and self.segmenter.net.has_batch_decoder
+        compare = choices.compare and "batch_oc" in self.modes
         if compare:
             modes += [m for m in ("image_o", "batch_oc") if m != segmenter.mode]
         report(0.1, desc=f"{', '.join(PAPER_NAMES[m] for m in modes)}: network and fusion")
