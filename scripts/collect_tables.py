@@ -90,8 +90,13 @@ def metric_split(runs, requested: str, mode: str) -> str:
 
 
 def _run_metric(overrides, metrics, split: str, mode: str, name: str) -> float | None:
+    """The run's metric; None if it was not logged, NaN if it was logged as NaN (``null`` in
+    ``metrics.json``: AP^e without ground-truth entities)."""
     run_mode = overrides.get("inference.modes", f"[{mode}]").strip("[]")  # Table 7 sweeps
-    return metrics.get(f"{split}/{name}_{run_mode}")
+    key = f"{split}/{name}_{run_mode}"
+    if key not in metrics:
+        return None
+    return float("nan") if metrics[key] is None else metrics[key]
 
 
 def table(runs, split: str, mode: str = "batch_oc") -> tuple[list[str], list[list]]:

@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     sample = args.shared / "coco_panoptic_sample"
     reference = torch.load(
-        args.shared / "official_reference/cropformer_tiny/training.pt", weights_only=False
+        args.shared / "official_reference/cropformer_tiny/training.pt", weights_only=True
     )
     with tempfile.TemporaryDirectory() as tmp:
         gt = panoptic_to_entity_json(

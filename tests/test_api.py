@@ -279,7 +279,7 @@ def test_a_converted_release_checkpoint_gives_the_release_entities(converted, sh
 def test_bad_inputs_fail_in_one_line(segmenter, trained, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    with pytest.raises(EntityDataError, match=f"^{broken}: not an image file$"):
+    with pytest.raises(EntityDataError, match=f"^{broken}: not an image file " + r"\(entityseg"):
         segmenter(broken)
     with pytest.raises(ValueError, match=r"RGB uint8 \[H, W, 3\], got uint8 \[40, 30\]$"):
         segmenter(np.zeros((40, 30), np.uint8))

@@ -72,7 +72,7 @@ def client(segmenter, photos, tmp_path_factory):
         segmenter, workdir, MAX_MEGAPIXELS, APP["keep_results"], APP["display_side"]
     )
     page = build_page(service, [photos / "rgb.jpg"], "tiny test network")
-    _, url, _ = serve(page, OmegaConf.create(APP), [workdir, photos], block=False)
+    _, url, _ = serve(page, OmegaConf.create(APP), [photos / "rgb.jpg"], workdir, block=False)
     yield Client(url, verbose=False)
     page.close()
 
@@ -214,8 +214,8 @@ def test_bad_uploads_are_one_line_messages(client, photos, tmp_path):
     large = tmp_path / "large.png"
     Image.new("RGB", (200, 100)).save(large)
     expected = {
-        text: "notes.jpg: not an image file (JPEG, PNG, TIFF, WebP, ...)",
-        empty: "empty.png: not an image file (JPEG, PNG, TIFF, WebP, ...)",
+        text: "notes.jpg: not an image file (entityseg reads JPEG, PNG, BMP, TIFF, WEBP, GIF)",
+        empty: "empty.png: image file is empty (0 bytes)",
         large: "large.png: 200x100 is 0.02 megapixels, above this demo's limit of 0.015 "
         "(app.max_megapixels)",
     }

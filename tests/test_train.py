@@ -60,10 +60,15 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path):
             )
         )
     last = tmp_path / "run/checkpoints/last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 4  # mid-epoch
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # mid-epoch
     assert not list(last.parent.glob("*.tmp"))  # atomic writes leave no partial file
     train(config(tmp_path, *common, f"ckpt_path={last}"))
-    assert torch.load(last, weights_only=False)["global_step"] == 8  # as if never killed
+    assert torch.load(last, weights_only=True)["global_step"] == 8  # as if never killed
+    # the same training checkpoint starts a fine-tuning (model.init_from=): both read it with
+    # weights_only=True (optimiser, loops and hyper-parameters included)
+    tuned = tmp_path / "tuned"
+    train(config(tmp_path, *common, f"model.init_from={last}", f"paths.output_dir={tuned}"))
+    assert torch.load(tuned / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 8
 
 
 class NaNCriterion(torch.nn.Module):

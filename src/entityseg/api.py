@@ -248,7 +248,13 @@ class EntitySegmenter:
         cls, path: str | Path, mode: str | None = None, **overrides: Any
     ) -> EntitySegmenter:
         """The segmenter of a ``.pt2`` of ``python -m entityseg.export format=torch_export``,
-        as :meth:`from_onnx` (the program runs in PyTorch on the CPU)."""
+        as :meth:`from_onnx` (the program runs in PyTorch on the CPU).
+
+        Loading a ``.pt2`` may run code stored in it (``torch.export.load`` unpickles parts of
+        the file without restriction): open only files from a source you trust; ONNX
+        (:meth:`from_onnx`) is the safe format to exchange networks in. Each load logs a
+        warning saying so; a file that does not load raises ValueError in one line naming it.
+        """
         from entityseg.inference.exported import ExportedNetwork
 
         return cls._from_exported(ExportedNetwork(path), mode, overrides)

@@ -8,7 +8,6 @@ AP^e_50 gain from training and how to open the TensorBoard log.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from entityseg.api import INFERENCE_KEYS, EntitySegmenter
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.evaluate import markdown_table, table_rows
+from entityseg.evaluation.entity_ap import metrics_json
 from entityseg.train import train
 from entityseg.viz import compare_modes
 
@@ -39,7 +39,7 @@ def evaluate_net(
     )
     rows = table_rows(results, datamodule.hparams.val_json, out_dir)
     (out_dir / "table7.md").write_text(markdown_table(rows))
-    (out_dir / "table7.json").write_text(json.dumps(rows, indent=2))
+    (out_dir / "table7.json").write_text(metrics_json(rows, indent=2))
     return rows, results
 
 

@@ -32,7 +32,9 @@ from entityseg.config import (
     instantiate_checked,
 )
 from entityseg.data.datamodule import TEST_VIEW_KEYS, view_keys
+from entityseg.data.errors import EntityDataError
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
+from entityseg.evaluation.entity_ap import metrics_json
 from entityseg.inference.cuda_graphs import check_cuda_graphs
 from entityseg.inference.fusion import INFERENCE_MODES
 from entityseg.inference.runner import ModeResults, check_precision, resolve_view_chunk
@@ -142,19 +144,21 @@ def main(cfg: DictConfig) -> float:
     resolve_view_chunk(cfg.inference.view_chunk, "cpu")  # checked now, resolved per device
     segmenter = segmenter_from_config(cfg)
     # the data set of ``data``, viewed as the segmenter views images
-    datamodule = instantiate_checked(cfg.data, "data", **segmenter.view_keys)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    gt_json = datamodule.hparams.test_json or datamodule.hparams.val_json
-
-    results = segmenter.run(
-        datamodule.test_dataloader(), list(cfg.inference.modes), description="evaluating"
-    )
+    datamodule = instantiate_checked(cfg.data, "data", for_training=False, **segmenter.view_keys)
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        gt_json = datamodule.hparams.test_json or datamodule.hparams.val_json
+        results = segmenter.run(
+            datamodule.test_dataloader(), list(cfg.inference.modes), description="evaluating"
+        )
+    except EntityDataError as err:  # AP^e over fewer images would not be AP^e: stop, name it
+        raise SystemExit(f"evaluation stopped: {err}") from None
     out_dir = Path(cfg.paths.output_dir)
     rows = table_rows(results, gt_json, out_dir)
-    (out_dir / "table7.json").write_text(json.dumps(rows, indent=2))
+    (out_dir / "table7.json").write_text(metrics_json(rows, indent=2))
     metrics = {f"test/{k}_{r['mode']}": r[m] for r in rows for k, m in METRIC_KEYS.items()}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out_dir / "metrics.json").write_text(metrics_json(metrics, indent=2, sort_keys=True))
     (out_dir / "table7.md").write_text(markdown_table(rows))
     print(markdown_table(rows))
     log.info("wrote %s", out_dir / "table7.md")

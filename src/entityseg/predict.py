@@ -5,9 +5,12 @@
 (16-bit entity-id map, 0 = none, 1 = the highest-scoring entity) and ``<stem>_overlay.jpg``
 (coloured entities with outlines and the crop boxes), and one ``predictions.json`` (COCO
 results with ``file_name``, RLE and score; with ``gt=<coco json>`` the image ids follow that
-json). Unreadable images are reported by name and skipped; the exit code is 1 if any failed.
-An input without images, or with two images of one stem (whose pictures would overwrite each
-other), stops at once with one line (exit code 1).
+json). A photo that fails (unreadable, not one of the formats of
+:data:`~entityseg.data.coco_entity.IMAGE_FORMATS`, a decompression bomb, too small to segment)
+is reported in one line naming it and skipped, the others are predicted, and the exit code is
+1 at the end. An input without images, two images of one stem (whose pictures would overwrite
+each other), or an output that would write over an input file (``input=D output=D``) stops at
+once with one line (exit code 1), as does a ``gt`` that is not a COCO json.
 ``inference.precision=bf16`` and ``model.compile=true`` as in ``entityseg.evaluate``.
 
 Predictions go through :class:`~entityseg.api.EntitySegmenter`, as ``EntitySegmenter(photo)``
@@ -20,14 +23,17 @@ command line (``test_short_size``, ``test_max_size``, ``size_scale``, ``crop_del
 ``data=`` config do not. A checkpoint that stores no test views (written before they were
 stored) takes the ``data`` config's.
 
-Interrupted runs resume. Each finished image is appended to ``predictions.jsonl`` (and flushed
-to disk) after its two pictures, which are written to a temporary name and then renamed: an
-image is done when it has a complete line there and both pictures exist, so a picture or a line
-half-written by a killed run never counts. A rerun with the same ``output=`` skips the done
-images (one log line says how many) and ``predictions.json`` is assembled from the jsonl at the
-end, every image of ``input`` once, in input order, exactly as an uninterrupted run writes it.
-The jsonl's first line holds the settings that change the results (checkpoint, ``gt``, mode,
-fusion and the test views used): resuming with other settings stops with one line naming them.
+Interrupted runs resume. Each finished image is appended to ``predictions.jsonl`` (and synced
+to disk) after its two pictures, which are written to a temporary name, synced and then
+renamed: an image is done when it has a complete line there, recorded from the same file (its
+resolved path, size and modification time: another folder's ``photo.png``, or the photo edited
+since, is predicted again) and both pictures exist, so a picture or a line half-written by a
+killed run never counts. A rerun with the same ``output=`` skips the done images (one log line
+says how many) and ``predictions.json`` is assembled from the jsonl at the end, every image of
+``input`` once, in input order, exactly as an uninterrupted run writes it. The jsonl's first
+line holds the settings that change the results (the checkpoint file's path, size and
+modification time, ``gt``, mode, fusion and the test views used): resuming with other settings
+stops with one line naming them, rather than mix two models' predictions in one folder.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import glob
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,22 +53,25 @@ from PIL import Image
 from rich.progress import track
 
 from entityseg.api import EntitySegmenter
+from entityseg.atomic_checkpoint import fsync_folder
 from entityseg.config import CONFIG_DIR, exits_on_config_error
-from entityseg.data.coco_entity import read_rgb_image
+from entityseg.data.coco_entity import IMAGE_SUFFIXES, read_rgb_image
 from entityseg.data.errors import EntityDataError
+from entityseg.data.rle import describe
 from entityseg.evaluate import check_modes, segmenter_from_config
+from entityseg.evaluation.entity_ap import read_ground_truth
 from entityseg.inference.cuda_graphs import check_cuda_graphs
 from entityseg.inference.fusion import Entities
 from entityseg.inference.runner import check_precision, resolve_view_chunk
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
 #: The incremental results: a settings line, then one line per finished image.
 RESULTS_NAME = "predictions.jsonl"
 #: The COCO results of every image, assembled from :data:`RESULTS_NAME` at the end.
 PREDICTIONS_NAME = "predictions.json"
+#: How many skipped photos the last line names (each has its own log line).
+SHOWN_SKIPS = 10
 
 
 def find_images(pattern: str) -> list[Path]:
@@ -101,11 +111,30 @@ def check_unique_stems(paths: list[Path]) -> None:
 
 
 def image_ids_from_gt(gt_json: str | None) -> dict[str, int]:
-    """File name -> image id of a COCO json (empty without one)."""
+    """File name -> image id of the entity ground truth ``gt_json`` (empty without one).
+
+    The file is read and checked as AP^e reads it
+    (:func:`~entityseg.evaluation.entity_ap.read_ground_truth`), and each image needs a
+    ``file_name`` whose name is its own: a problem raises :class:`EntityDataError`, one line
+    naming the file.
+    """
     if gt_json is None:
         return {}
-    images = json.loads(Path(gt_json).read_text())["images"]
-    return {Path(img["file_name"]).name: int(img["id"]) for img in images}
+    ids: dict[str, int] = {}
+    for image in read_ground_truth(gt_json)["images"]:
+        file_name = image.get("file_name")
+        if not isinstance(file_name, str) or not Path(file_name).name:
+            raise EntityDataError(
+                gt_json,
+                f"image {image['id']}: 'file_name' must be a file name, not {describe(file_name)}",
+            )
+        name = Path(file_name).name
+        if name in ids:
+            raise EntityDataError(
+                gt_json, f"images {ids[name]} and {image['id']} are both named {name!r}"
+            )
+        ids[name] = int(image["id"])
+    return ids
 
 
 def picture_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -114,9 +143,13 @@ def picture_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
 
 
 def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **options) -> None:
-    """Write ``path`` under a temporary name first, so that it is either whole or absent."""
+    """Write ``path`` under a temporary name, on disk (fsynced) before it is renamed, so that
+    it is either whole or absent, also after a power cut."""
     partial = path.with_name(f".{path.name}.partial")
-    picture.save(partial, format=image_format, **options)
+    with open(partial, "wb") as f:
+        picture.save(f, format=image_format, **options)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(partial, path)
 
 
@@ -128,6 +161,7 @@ def write_pictures(image: np.ndarray, entities: Entities, out_dir: Path, stem: s
     _save_then_rename(Image.fromarray(id_map), png, "PNG")  # uint16 -> 16-bit PNG
     overlay = entities.overlay(image, id_map=id_map)
     _save_then_rename(Image.fromarray(overlay), overlay_jpg, "JPEG", quality=90)
+    fsync_folder(out_dir)
     return overlay
 
 
@@ -136,26 +170,44 @@ def prediction_records(entities: Entities, image_id: int, file_name: str) -> lis
     return [{**record, "file_name": file_name} for record in entities.to_coco(image_id)]
 
 
+def file_identity(path: Path) -> dict:
+    """What tells one file from another for resuming: its resolved path, size and
+    modification time (a file replaced or edited under the same name is another file)."""
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def run_settings(cfg: DictConfig, segmenter: EntitySegmenter) -> dict:
     """What makes one run's predictions differ from another's, as json values: the
-    checkpoint, ``gt`` and the segmenter's settings (the mode and views it uses)."""
+    checkpoint file (:func:`file_identity`: retrained under the same name, it is another),
+    ``gt`` and the segmenter's settings (the mode and views it uses)."""
     settings = {
-        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "checkpoint": file_identity(Path(cfg.ckpt_path)),
         "gt": str(Path(cfg.gt).resolve()) if cfg.gt is not None else None,
         **segmenter.settings(),
     }
     return json.loads(json.dumps(settings))  # tuples as lists, as read back
 
 
-def read_results(path: Path, settings: dict) -> dict[str, tuple[int, int]]:
-    """The images that ``predictions.jsonl`` records: file name -> (image id, byte offset of
-    its line); a later line of a name replaces an earlier one.
+@dataclass(frozen=True)
+class Recorded:
+    """An image that ``predictions.jsonl`` records: its id, the byte offset of its line and
+    the :func:`file_identity` of the photo it was predicted from."""
+
+    image_id: int
+    offset: int
+    source: dict | None
+
+
+def read_results(path: Path, settings: dict) -> dict[str, Recorded]:
+    """The images that ``predictions.jsonl`` records, by file name; a later line of a name
+    replaces an earlier one.
 
     Starts the file (its settings line) when it is new or records nothing. A last line without
     its newline (cut by a kill) is removed. Stops with one line when the recorded images were
     made with other ``settings``.
     """
-    records: dict[str, tuple[int, int]] = {}
+    records: dict[str, Recorded] = {}
     stored, end = None, 0
     if path.is_file():
         with open(path, "rb") as f:
@@ -174,7 +226,9 @@ def read_results(path: Path, settings: dict) -> dict[str, tuple[int, int]]:
                         break
                     try:
                         record = json.loads(line)
-                        records[record["file_name"]] = (int(record["image_id"]), end)
+                        records[record["file_name"]] = Recorded(
+                            int(record["image_id"]), end, record.get("source")
+                        )
                     except (ValueError, KeyError, TypeError):
                         log.warning(
                             "%s: unreadable line at byte %d, its image is predicted again",
@@ -200,18 +254,34 @@ def read_results(path: Path, settings: dict) -> dict[str, tuple[int, int]]:
     return records
 
 
-def append_result(results: BinaryIO, file_name: str, image_id: int, predictions: list) -> int:
-    """Append one finished image to ``predictions.jsonl`` and flush it to disk; its offset."""
+def is_done(record: Recorded | None, path: Path, out_dir: Path) -> bool:
+    """Whether ``path`` was predicted already: recorded from this very file (not another of
+    its name, nor an older version of it) with both its pictures on disk."""
+    return (
+        record is not None
+        and record.source == file_identity(path)
+        and all(f.is_file() for f in picture_paths(out_dir, path.stem))
+    )
+
+
+def append_result(results: BinaryIO, path: Path, image_id: int, predictions: list) -> Recorded:
+    """Append one finished image to ``predictions.jsonl`` and flush it to disk."""
     offset = results.tell()
-    record = {"file_name": file_name, "image_id": image_id, "predictions": predictions}
+    source = file_identity(path)
+    record = {
+        "file_name": path.name,
+        "image_id": image_id,
+        "source": source,
+        "predictions": predictions,
+    }
     results.write(json.dumps(record).encode() + b"\n")
     results.flush()
     os.fsync(results.fileno())
-    return offset
+    return Recorded(image_id, offset, source)
 
 
 def write_predictions(
-    results_path: Path, records: dict[str, tuple[int, int]], paths: list[Path], out: Path
+    results_path: Path, records: dict[str, Recorded], paths: list[Path], out: Path
 ) -> tuple[int, int]:
     """``predictions.json``: the recorded predictions of ``paths``, in their order, one image's
     line at a time. Returns (entities, images) written."""
@@ -222,14 +292,42 @@ def write_predictions(
         for path in paths:
             if path.name not in records:
                 continue
-            src.seek(records[path.name][1])
+            src.seek(records[path.name].offset)
             for prediction in json.loads(src.readline())["predictions"]:
                 dst.write((", " if num_entities else "") + json.dumps(prediction))
                 num_entities += 1
             num_images += 1
         dst.write("]")
+        dst.flush()
+        os.fsync(dst.fileno())
     os.replace(partial, out)
+    fsync_folder(out.parent)
     return num_entities, num_images
+
+
+def check_outputs_spare_inputs(out_dir: Path, paths: list[Path], *others: str | None) -> None:
+    """Stop in one line when a file this run writes would be one of its inputs (a photo, the
+    checkpoint, ``gt``): ``input=D output=D`` would replace ``D/photo.png`` by its id map."""
+    inputs = {p.resolve(): p for p in [*paths, *(Path(o) for o in others if o)]}
+    outputs = [out_dir / RESULTS_NAME, out_dir / PREDICTIONS_NAME]
+    outputs += [picture for p in paths for picture in picture_paths(out_dir, p.stem)]
+    for output in outputs:
+        for written in (output, output.with_name(f".{output.name}.partial")):
+            if written.resolve() in inputs:
+                raise SystemExit(
+                    f"output={out_dir}: predict would write {written}, which is the input "
+                    f"{inputs[written.resolve()]}: choose another output= folder"
+                )
+
+
+def segment_photo(segmenter: EntitySegmenter, path: Path) -> tuple[np.ndarray, Entities]:
+    """Read and segment one photo; what makes it fail (unreadable, too small to segment) is
+    an :class:`EntityDataError` naming it."""
+    image = read_rgb_image(path)
+    try:
+        return image, segmenter(image)
+    except ValueError as err:
+        raise EntityDataError(path, str(err)) from None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
@@ -241,16 +339,17 @@ def main(cfg: DictConfig) -> None:
     resolve_view_chunk(cfg.inference.view_chunk, "cpu")  # checked now, resolved per device
     paths = find_images(cfg.input)
     check_unique_stems(paths)
-    segmenter = segmenter_from_config(cfg)
     out_dir = Path(cfg.output)
+    check_outputs_spare_inputs(out_dir, paths, cfg.ckpt_path, cfg.gt)
+    try:
+        known_ids = image_ids_from_gt(cfg.gt)
+    except EntityDataError as err:
+        raise SystemExit(f"gt={cfg.gt}: {err}") from None
+    segmenter = segmenter_from_config(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_NAME
     records = read_results(results_path, run_settings(cfg, segmenter))
-    done = {
-        p.name
-        for p in paths
-        if p.name in records and all(f.is_file() for f in picture_paths(out_dir, p.stem))
-    }
+    done = {p.name for p in paths if is_done(records.get(p.name), p, out_dir)}
     if records:
         log.info(
             "resuming %s: %d of %d images already done, skipped",
@@ -259,49 +358,59 @@ def main(cfg: DictConfig) -> None:
             len(paths),
         )
     todo = [(index, p) for index, p in enumerate(paths) if p.name not in done]
-    known_ids = image_ids_from_gt(cfg.gt)
-    ids_taken = {image_id: name for name, (image_id, _) in records.items()}
+    ids_taken = {record.image_id: name for name, record in records.items()}
 
     failed = []
     with open(results_path, "ab") as results:
         for index, path in track(todo, description="predicting"):
-            try:
-                image = read_rgb_image(path)
-            except EntityDataError as err:
-                log.error("skipped: %s", err)
-                failed.append(path)
-                continue
             if known_ids and path.name not in known_ids:
-                log.error("skipped: %s: not an image of gt=%s", path, cfg.gt)
-                failed.append(path)
+                failed.append(_skipped(path, f"{path}: not an image of gt={cfg.gt}"))
+                continue
+            try:
+                image, entities = segment_photo(segmenter, path)
+            except EntityDataError as err:
+                failed.append(_skipped(path, str(err)))
+                continue
+            except Exception as err:  # one photo's failure must not stop the others
+                log.debug("%s failed", path, exc_info=True)
+                reason = str(err).splitlines()[0] if str(err) else ""
+                failed.append(_skipped(path, f"{path}: {type(err).__name__}: {reason}"))
                 continue
             if known_ids:
                 image_id = known_ids[path.name]
             else:
                 image_id = _image_id(index + 1, path.name, records, ids_taken)
-            entities = segmenter(image)
-            write_pictures(image, entities, out_dir, path.stem)
+            write_pictures(image, entities, out_dir, path.stem)  # on disk before its line
             predictions = prediction_records(entities, image_id, path.name)
-            offset = append_result(results, path.name, image_id, predictions)
-            records[path.name] = (image_id, offset)
+            records[path.name] = append_result(results, path, image_id, predictions)
     num_entities, num_images = write_predictions(
         results_path, records, paths, out_dir / PREDICTIONS_NAME
     )
     log.info("wrote %d entities of %d images to %s", num_entities, num_images, out_dir)
     if failed:
+        shown = ", ".join(failed[:SHOWN_SKIPS]) + (
+            f" and {len(failed) - SHOWN_SKIPS} more" if len(failed) > SHOWN_SKIPS else ""
+        )
         raise SystemExit(
-            f"{len(failed)} image(s) could not be read: " + ", ".join(str(p) for p in failed)
+            f"{len(failed)} of {len(paths)} image(s) skipped, each for the reason logged above "
+            f"(the others were predicted; a rerun tries the skipped again): {shown}"
         )
 
 
+def _skipped(path: Path, problem: str) -> str:
+    """Log why a photo is skipped, in one line; its name for the summary."""
+    log.error("skipped: %s", problem)
+    return str(path)
+
+
 def _image_id(
-    position: int, file_name: str, records: dict[str, tuple[int, int]], ids_taken: dict[int, str]
+    position: int, file_name: str, records: dict[str, Recorded], ids_taken: dict[int, str]
 ) -> int:
     """An image's id without ``gt=``: the one recorded for it, else its position in the input
     (from 1), else, when a recorded image of another name holds that (the input changed between
     runs), the next id above every one taken."""
     if file_name in records:
-        return records[file_name][0]
+        return records[file_name].image_id
     image_id = position
     if ids_taken.get(image_id, file_name) != file_name:
         image_id = max(ids_taken) + 1

@@ -10,7 +10,6 @@ release weights (``model.init_from``); ``data.global_batch_size`` becomes the pe
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
-from entityseg.models.checkpoint import fine_tuning_net_config, read_checkpoint, stored_net_config
+from entityseg.evaluation.entity_ap import metrics_json
+from entityseg.models.checkpoint import (
+    CheckpointError,
+    fine_tuning_net_config,
+    read_checkpoint,
+    stored_net_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     """Fit and test as configured: the logged metrics (also in ``metrics.json``) and the path
     of the best checkpoint by ``optimized_metric`` (the last one if there is none)."""
     check_release_init(cfg)
+    check_resume_checkpoint(cfg)
     _take_network_from_init_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -38,14 +44,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     datamodule = instantiate_checked(cfg.data, "data")
     model = instantiate_checked(cfg.model, "model")
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = _best_checkpoint(trainer)
     if cfg.test:
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     out = Path(cfg.paths.output_dir)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out / "metrics.json").write_text(metrics_json(metrics, indent=2, sort_keys=True))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return metrics, best
 
@@ -67,6 +73,17 @@ def check_release_init(cfg: DictConfig) -> None:
         f"{weights} {config} init.ckpt` and add model.init_from=init.ckpt "
         "(or init_from_release=null to start from scratch)"
     )
+
+
+def check_resume_checkpoint(cfg: DictConfig) -> None:
+    """Read ``ckpt_path`` as Lightning will resume from it (``weights_only=True``), so that a
+    wrong, broken or crafted file stops in one line before anything is built."""
+    if cfg.get("ckpt_path") is None:
+        return
+    try:
+        read_checkpoint(cfg.ckpt_path)
+    except (FileNotFoundError, CheckpointError) as err:
+        raise SystemExit(f"config error: ckpt_path={cfg.ckpt_path!r}: {err}") from None
 
 
 def apply_global_batch_size(cfg: DictConfig, world_size: int) -> None:

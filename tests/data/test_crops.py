@@ -34,7 +34,7 @@ def test_fixed4_is_the_release_grid(size, delta):
 
 def test_fixed4_matches_the_release_outputs(shared_data):
     outputs = torch.load(
-        shared_data / "official_reference/cropformer_tiny/outputs.pt", weights_only=False
+        shared_data / "official_reference/cropformer_tiny/outputs.pt", weights_only=True
     )
     for index, size in ((0, (427, 640)), (1, (360, 640))):
         expected = [tuple(b) for b in outputs[f"{index}.crop_region"].tolist()]

@@ -288,7 +288,7 @@ def test_real_coco_photos_give_the_release_views(coco_sample, shared_data, tmp_p
     )
     dm.setup("fit")
     reference = torch.load(
-        shared_data / "official_reference/cropformer_tiny/outputs.pt", weights_only=False
+        shared_data / "official_reference/cropformer_tiny/outputs.pt", weights_only=True
     )
     val = dm.datasets["val"]
     for index in range(2):

@@ -83,7 +83,7 @@ def photos(shared_data, tmp_path_factory) -> list[dict]:
 def load_reference(shared_data: Path, model: str) -> dict:
     return torch.load(
         shared_data / "official_reference" / model / "training.pt",
-        weights_only=False,
+        weights_only=True,
         map_location="cpu",
     )
 

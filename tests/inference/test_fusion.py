@@ -324,7 +324,7 @@ def test_no_entities():
 def reference_case(shared_data, name: str, index: int, mode: str):
     """The release's outputs of one image as our model outputs, and its entities."""
     folder = shared_data / "official_reference" / name
-    outputs = torch.load(folder / "outputs.pt", weights_only=False)
+    outputs = torch.load(folder / "outputs.pt", weights_only=True)
     record = json.loads((folder / "entities.json").read_text())[index]
     height, width = record["height"], record["width"]
     sizes = [tuple(outputs[f"{index}.image"].shape[-2:])]

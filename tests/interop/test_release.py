@@ -76,7 +76,7 @@ def test_converted_network_gives_the_release_outputs(converted, name):
     path, folder = converted[name]
     checkpoint = read_checkpoint(path)
     net = build_network(path, checkpoint=checkpoint).eval()
-    reference = torch.load(folder / "outputs.pt", weights_only=False)
+    reference = torch.load(folder / "outputs.pt", weights_only=True)
     worst = 0.0
     for index in (0, 1):
         with torch.no_grad():
@@ -136,7 +136,7 @@ def reference_outputs_as_ours(reference: dict, index: int, record: dict, mask2fo
 @pytest.mark.parametrize("name", MODELS)
 def test_release_fusion_reproduces_its_entities(shared_data, name):
     folder = shared_data / "official_reference" / name
-    reference = torch.load(folder / "outputs.pt", weights_only=False)
+    reference = torch.load(folder / "outputs.pt", weights_only=True)
     for index, record in enumerate(json.loads((folder / "entities.json").read_text())):
         outputs, boxes, sizes, mode = reference_outputs_as_ours(
             reference, index, record, name.startswith("mask2former")

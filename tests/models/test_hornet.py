@@ -37,7 +37,7 @@ def ours(release_key: str) -> str:
 
 
 def release_backbone(shared_data) -> dict[str, torch.Tensor]:
-    state = torch.load(shared_data / RELEASE, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(shared_data / RELEASE, map_location="cpu", weights_only=True)["model"]
     return {k: v for k, v in state.items() if k.startswith("backbone.")}
 
 

@@ -4,17 +4,25 @@ The checkpoint is loaded as ``predict`` loads it (its test views, mode and compa
 and ``data.<test key>=...`` on the command line change the page's starting choices). Without
 ``ckpt_path`` the page says how to get a checkpoint. Downloads are written under the run's
 output folder (``outputs/app/runs/<time>/results``).
+
+Gradio serves the example files and the results folder, nothing else of the disk. With
+``app.auth`` (a list of ``user:password`` strings, or a file of ``user:password`` lines) the
+page asks for a login; a page served beyond this machine (``app.host`` not a loopback address)
+without one logs a warning.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from entityseg.config import CONFIG_DIR, ConfigError, exits_on_config_error, instantiate_checked
+from entityseg.data.coco_entity import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,98 @@ def check_app_settings(app: DictConfig) -> None:
             raise ConfigError(f"app.{key}", value, f"must be a number > {minimum}")
     if isinstance(app.examples, bool) or not isinstance(app.examples, int) or app.examples < 0:
         raise ConfigError("app.examples", app.examples, "must be an integer >= 0")
+    auth_users(app.get("auth"))
+
+
+#: What ``app.auth`` holds, said in its error messages.
+AUTH_FORMS = "app.auth=[user:password,...] or a file of user:password lines"
+
+
+def auth_users(auth: object) -> list[tuple[str, str]] | None:
+    """The ``(user, password)`` pairs of ``app.auth``: ``None`` (no login), a list of
+    ``user:password`` strings, or the path of a file with one ``user:password`` per line (lines
+    stripped, blank lines and ``#`` comments ignored). The password is all after the first colon.
+
+    Raises :class:`ConfigError` naming ``app.auth`` (and the list entry or the file's line
+    number) for a missing file, an entry without a colon, an empty user or password, a user
+    named twice or no user at all. Its message never holds a password.
+    """
+    if auth is None:
+        return None
+    users: list[tuple[str, str]] = []
+    if isinstance(auth, str):
+        path = Path(auth).expanduser()
+        if not path.is_file():
+            shown = _hidden(auth) if ":" in auth else auth  # perhaps user:password itself
+            raise ConfigError("app.auth", shown, f"no such file (expected {AUTH_FORMS})")
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError as err:
+            raise ConfigError("app.auth", auth, f"cannot be read ({err.strerror})") from None
+        for n, line in enumerate(lines, 1):
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                try:
+                    users.append(_user_password(entry, users))
+                except ValueError as err:
+                    raise ConfigError("app.auth", auth, f"line {n}: {err}") from None
+    elif isinstance(auth, list | tuple | ListConfig):
+        for k, entry in enumerate(auth):
+            if not isinstance(entry, str):
+                raise ConfigError(f"app.auth[{k}]", "***", "must be a user:password string")
+            try:
+                users.append(_user_password(entry, users))
+            except ValueError as err:
+                raise ConfigError(f"app.auth[{k}]", _hidden(entry), str(err)) from None
+    else:
+        raise ConfigError("app.auth", f"<{type(auth).__name__}>", f"must be {AUTH_FORMS}")
+    if not users:
+        raise ConfigError("app.auth", auth, f"names no user (expected {AUTH_FORMS})")
+    return users
+
+
+def _user_password(entry: str, users: list[tuple[str, str]]) -> tuple[str, str]:
+    """``user:password`` as a pair; :class:`ValueError` saying what is wrong otherwise."""
+    user, colon, password = entry.partition(":")
+    user = user.strip()
+    if not colon:
+        raise ValueError("not user:password (no colon)")
+    if not user:
+        raise ValueError("not user:password (empty user)")
+    if not password:
+        raise ValueError("not user:password (empty password)")
+    if any(user == known for known, _ in users):
+        raise ValueError(f"user {user!r} is named twice")
+    return user, password
+
+
+def _hidden(entry: str) -> str:
+    """``user:password`` shown as ``user:***`` (all of it hidden without a colon)."""
+    user, colon, password = entry.partition(":")
+    return f"{user}:***" if colon and password else entry if colon else "***"
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` serves this machine only: ``localhost``, 127.0.0.0/8 or ::1 (``None``
+    is Gradio's default, 127.0.0.1)."""
+    if host is None or host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name or an interface's address: the network can reach it
+
+
+def warn_if_open_to_the_network(app: DictConfig) -> None:
+    """Log one warning when the page is served beyond this machine without ``app.auth``."""
+    if app.get("auth") is None and not is_loopback(app.host):
+        log.warning(
+            "app.host=%s: the page is served to everyone who can reach %s:%s without a "
+            "password; set app.auth=<file of user:password lines> (or app.auth=[user:password])",
+            app.host,
+            app.host,
+            app.port,
+        )
 
 
 def example_images(cfg: DictConfig) -> list[Path]:
@@ -43,8 +143,6 @@ def example_images(cfg: DictConfig) -> list[Path]:
         return []
     if cfg.data.get("synthetic") is not None:
         instantiate_checked(cfg.data, "data").prepare_data(splits=("val",))
-    from entityseg.predict import IMAGE_SUFFIXES
-
     folder = Path(cfg.data.val_images)
     images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return images[: cfg.app.examples]
@@ -71,18 +169,33 @@ def how_to_get_a_checkpoint(log_dir: str | Path) -> str:
     return "\n\n".join(lines)
 
 
-def serve(page, app: DictConfig, allowed: list[Path], block: bool = True):
+def serve(
+    page,
+    app: DictConfig,
+    examples: Sequence[Path] = (),
+    workdir: Path | None = None,
+    block: bool = True,
+):
     """Serve ``page`` on ``app.host``:``app.port``, one segmentation at a time (the model is
-    shared). Returns Gradio's (app, local url, share url) when ``block`` is False."""
+    shared), behind ``app.auth``'s login if set. Returns Gradio's (app, local url, share url)
+    when ``block`` is False.
+
+    Gradio's file route serves the ``examples`` files (not the rest of their folder) and
+    ``workdir``, where the downloads are written; besides them only its own cache (uploads
+    and what the page shows).
+    """
     from entityseg.app.page import THEME
 
+    warn_if_open_to_the_network(app)
+    allowed = [*examples, *([workdir] if workdir is not None else [])]
     return page.queue(default_concurrency_limit=1).launch(
         server_name=app.host,
         server_port=app.port or None,
         theme=THEME,
         ssr_mode=False,
         max_file_size=f"{app.max_file_mb}mb",
-        allowed_paths=[str(p) for p in allowed],
+        allowed_paths=[str(Path(p).resolve()) for p in allowed],
+        auth=auth_users(app.get("auth")),
         prevent_thread_lock=not block,
         quiet=not block,
     )
@@ -100,7 +213,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.ckpt_path is None:
         message = how_to_get_a_checkpoint(cfg.paths.log_dir)
         log.warning(message.replace("\n\n", "\n"))
-        serve(missing_checkpoint_page(message), cfg.app, [])
+        serve(missing_checkpoint_page(message), cfg.app)
         return
     from entityseg.evaluate import segmenter_from_config
 
@@ -120,7 +233,7 @@ def main(cfg: DictConfig) -> None:
         f"side {views.short_sizes[0]}, max {views.max_size}, compat `{segmenter.compat}`."
     )
     page = build_page(service, examples, about)
-    serve(page, cfg.app, [workdir, *{p.parent for p in examples}])
+    serve(page, cfg.app, examples, workdir)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import gradio as gr
 
 from entityseg.app.service import Choices, SegmentationService, UploadError
 from entityseg.config import ConfigError
+from entityseg.data.coco_entity import IMAGE_SUFFIXES
 from entityseg.data.datamodule import TEST_CROP_LAYOUTS
 from entityseg.evaluate import PAPER_NAMES
 from entityseg.viz import draw_boxes
@@ -38,7 +39,14 @@ def build_page(
         gr.Markdown(f"## {TITLE}\n{about}")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                upload = gr.File(label="Photo", type="filepath", elem_id="upload")
+                # the suffixes are checked by Gradio when the button's request arrives; what
+                # the file holds, by read_upload
+                upload = gr.File(
+                    label="Photo",
+                    type="filepath",
+                    file_types=list(IMAGE_SUFFIXES),
+                    elem_id="upload",
+                )
                 if examples:
                     gr.Examples(
                         [[str(p)] for p in examples],

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
-from PIL import Image, UnidentifiedImageError
 
 from entityseg.api import EntitySegmenter
-from entityseg.data.coco_entity import read_rgb_image
+from entityseg.data.coco_entity import open_image, read_rgb_image
 from entityseg.data.errors import EntityDataError
 from entityseg.evaluate import PAPER_NAMES
 from entityseg.inference.fusion import INFERENCE_MODES, Entities
@@ -91,32 +90,26 @@ class Segmentation:
 def read_upload(path: str | Path, max_megapixels: float) -> np.ndarray:
     """The upload as uint8 RGB [H, W, 3], read as ``predict`` reads files.
 
-    Raises :class:`UploadError` naming the file (never its server path) for a file that is not
-    a readable image, or whose pixel count (read from its header, before decoding) is above
-    ``max_megapixels``.
+    Only the Pillow plugins of the formats entityseg reads open it
+    (:func:`~entityseg.data.coco_entity.open_image`): a PostScript file named ``photo.jpg``
+    never reaches the others. Raises :class:`UploadError` naming the file (never its server
+    path) for a file that is not a readable image of those formats, or whose pixel count (read
+    from its header, before decoding) is above ``max_megapixels``.
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             width, height = img.size
-    except UnidentifiedImageError:
-        raise UploadError(f"{path.name}: not an image file (JPEG, PNG, TIFF, WebP, ...)") from None
-    except Image.DecompressionBombError:
-        raise UploadError(
-            f"{path.name}: too large to decode (more pixels than Pillow allows)"
-        ) from None
-    except OSError as err:
-        raise UploadError(f"{path.name}: corrupt image ({err})") from None
-    megapixels = width * height / 1e6
-    if megapixels > max_megapixels:
-        raise UploadError(
-            f"{path.name}: {width}x{height} is {megapixels:.3g} megapixels, above this demo's "
-            f"limit of {max_megapixels:g} (app.max_megapixels)"
-        )
-    try:
+        megapixels = width * height / 1e6
+        if megapixels > max_megapixels:
+            raise UploadError(
+                f"{path.name}: {width}x{height} is {megapixels:.3g} megapixels, above this "
+                f"demo's limit of {max_megapixels:g} (app.max_megapixels)"
+            )
         return read_rgb_image(path)
     except EntityDataError as err:
-        raise UploadError(f"{path.name}: {err.problem}") from None
+        problem = err.problem.replace(str(path), path.name)  # the server's paths stay there
+        raise UploadError(f"{path.name}: {problem}") from None
 
 
 def recovered_entities(

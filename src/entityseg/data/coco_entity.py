@@ -19,6 +19,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from entityseg.data.errors import EntityDataError
+from entityseg.data.rle import check_rle
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +109,21 @@ def _check_coco_layout(data: object, json_path: Path) -> None:
             raise EntityDataError(json_path, f"annotation lacks {missing}", ann.get("id"))
 
 
-def read_rgb_image(path: str | Path) -> np.ndarray:
-    """Read an image as uint8 RGB ``[H, W, 3]`` with its EXIF orientation applied.
+#: The image formats entityseg reads, as Pillow names them. Files are handed to these plugins
+#: only, whatever their name: never to the others Pillow has (a PostScript file named ``.jpg``
+#: would otherwise go to Ghostscript). Camera JPEGs that Pillow calls MPO open as JPEG.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+#: The file suffixes of :data:`IMAGE_FORMATS`: what ``predict`` looks for in a folder.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
-    Grayscale is replicated to three channels, alpha is dropped, 16-bit images keep their high
-    byte. Missing, empty, truncated or non-image files raise :class:`EntityDataError`.
+
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """The image file ``path``, opened lazily (header read, pixels not decoded yet) by the
+    plugins of :data:`IMAGE_FORMATS` only.
+
+    A missing, empty or non-image file, a format outside the list, or one whose header claims
+    more pixels than Pillow decodes (a decompression bomb) raises :class:`EntityDataError`.
     """
     path = Path(path)
     if not path.is_file():
@@ -119,13 +131,32 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise EntityDataError(path, "image file is empty (0 bytes)")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return pil_to_rgb(img)
+        img = Image.open(path, formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
-        raise EntityDataError(path, "not an image file") from None
+        raise EntityDataError(
+            path, f"not an image file (entityseg reads {', '.join(IMAGE_FORMATS)})"
+        ) from None
+    except Image.DecompressionBombError as err:
+        raise EntityDataError(path, f"refused as a decompression bomb ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise EntityDataError(path, f"corrupt image ({err})") from None
+    with img:
+        yield img
+
+
+def read_rgb_image(path: str | Path) -> np.ndarray:
+    """Read an image as uint8 RGB ``[H, W, 3]`` with its EXIF orientation applied.
+
+    Grayscale is replicated to three channels, alpha is dropped, 16-bit images keep their high
+    byte. Missing, empty, truncated or non-image files, formats outside :data:`IMAGE_FORMATS`
+    and decompression bombs raise :class:`EntityDataError` (:func:`open_image`).
+    """
+    with open_image(path) as img:
+        try:
+            img.load()
+            return pil_to_rgb(img)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise EntityDataError(path, f"corrupt image ({err})") from None
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -193,7 +224,8 @@ def decode_entity_mask(
     """Decode one annotation's segmentation to a uint8 ``[height, width]`` mask with pycocotools.
 
     Raises :class:`EntityDataError` (naming ``source`` and the annotation id) for an empty or
-    degenerate polygon, an RLE whose size is not the image's, or an unknown format. A
+    degenerate polygon, an RLE that :func:`~entityseg.data.rle.check_rle` refuses (a size that
+    is not the image's, counts that do not sum to its pixels), or an unknown format. A
     self-intersecting polygon is an error in ``strict`` mode; otherwise it is rasterised as
     pycocotools does (so training sees what evaluation scores), logged and counted in ``stats``.
     """
@@ -207,13 +239,11 @@ def decode_entity_mask(
 
 
 def _decode_rle(segm: dict, height: int, width: int, source, ann_id) -> np.ndarray:
-    size, counts = segm.get("size"), segm.get("counts")
-    if size is None or counts is None:
-        raise EntityDataError(source, "RLE without 'size' and 'counts'", ann_id)
-    if [int(s) for s in size] != [height, width]:
-        raise EntityDataError(
-            source, f"RLE size {list(size)} disagrees with image size [{height}, {width}]", ann_id
-        )
+    try:  # pycocotools decodes broken counts into garbage, or for minutes: check them first
+        check_rle(segm, height, width)
+    except ValueError as err:
+        raise EntityDataError(source, str(err), ann_id) from None
+    counts = segm["counts"]
     if isinstance(counts, list):
         rle = mask_utils.frPyObjects(segm, height, width)
     else:
@@ -370,7 +400,7 @@ def _progress(items: list, show_progress: bool) -> Iterable:
 
 def _read_panoptic_ids(png: Path) -> np.ndarray:
     try:
-        rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int64)
+        rgb = np.asarray(Image.open(png, formats=["PNG"]).convert("RGB"), dtype=np.int64)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
         raise EntityDataError(png, f"cannot read panoptic PNG ({err})") from None
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]

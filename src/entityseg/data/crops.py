@@ -29,6 +29,9 @@ CROP_LAYOUTS = ("fixed4", "fixed8", "random", "grid")
 #: The release's CROP_STRIDE_RATIO: crops start every 0.6 of the side, clamped to the border.
 STRIDE_RATIO = 0.6
 
+#: The shortest image side that :func:`crop_boxes` cuts crops from.
+MIN_IMAGE_SIDE = 4
+
 #: Least fraction of a ``grid`` crop's side that it shares with its neighbour.
 GRID_OVERLAP = 0.25
 
@@ -46,6 +49,16 @@ def check_layout(layout: str) -> None:
     """Raise ``ValueError`` for an unknown crop layout."""
     if layout not in CROP_LAYOUTS:
         raise ValueError(f"unknown crop layout {layout!r}; expected one of {CROP_LAYOUTS}")
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raise ``ValueError`` for an image too small to segment: crops of a side under
+    :data:`MIN_IMAGE_SIDE` pixels would be empty or a single pixel."""
+    if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"image of {width}x{height} pixels is too small to segment (both sides must be at "
+            f"least {MIN_IMAGE_SIDE} pixels)"
+        )
 
 
 def crop_boxes(
@@ -83,8 +96,7 @@ def crop_boxes(
     if layout != "random" and not isinstance(delta, int | float):
         raise ValueError(f"crop layout {layout!r} takes one ratio delta, got {delta}")
     check_delta(delta)
-    if height < 4 or width < 4:
-        raise ValueError(f"image of {width}x{height} pixels is too small to crop")
+    check_image_size(height, width)
     if layout == "random":
         if rng is None:
             raise ValueError("crop layout 'random' needs a numpy Generator rng")

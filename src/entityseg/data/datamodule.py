@@ -170,6 +170,8 @@ class EntityDataModule(L.LightningDataModule):
         skip_empty_train: leave images without entities out of training (kept for evaluation).
         strict: fail on bad input instead of logging and counting a skip.
         seed: seed of the per-sample random generators.
+        for_training: ``False`` for a run that does not train (``entityseg.evaluate``): the
+            training set's paths are then neither checked nor generated.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class EntityDataModule(L.LightningDataModule):
         skip_empty_train: bool = True,
         strict: bool = False,
         seed: int = 0,
+        for_training: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -284,7 +287,7 @@ class EntityDataModule(L.LightningDataModule):
             raise ConfigError("flip_prob", hp.flip_prob, "must be in [0, 1]")
         if not hp.train_short_sizes:
             raise ConfigError("train_short_sizes", hp.train_short_sizes, "must not be empty")
-        parts = self._train_parts()
+        parts = self._train_parts() if hp.for_training else []
         if hp.synthetic is None:
             if hp.val_json is None or hp.val_images is None:
                 key = "val_json" if hp.val_json is None else "val_images"
@@ -348,7 +351,8 @@ class EntityDataModule(L.LightningDataModule):
             ("train", self.hparams.train_json, 0),
             ("val", self.hparams.val_json, 1),
         ):
-            if split not in splits or Path(json_path).is_file():
+            unused = split == "train" and not self.hparams.for_training
+            if split not in splits or unused or Path(json_path).is_file():
                 continue
             log.info("generating the synthetic %s set in %s", split, Path(json_path).parent)
             written = generate_dataset(

@@ -20,14 +20,15 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
     """Output (h, w) that brings the short side to ``short``, the long side to at most ``max_size``.
 
-    Same arithmetic as detectron2's ``ResizeShortestEdge`` (round half up at the end).
+    Same arithmetic as detectron2's ``ResizeShortestEdge`` (round half up at the end), except
+    that no side becomes 0: a thin strip (6 x 2000 to at most 160) keeps one pixel.
     """
     scale = short / min(height, width)
     new_h, new_w = (short, scale * width) if height < width else (scale * height, short)
     if max(new_h, new_w) > max_size:
         shrink = max_size / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def scaled_sizes(sizes: Sequence[int], scale: float) -> list[int]:

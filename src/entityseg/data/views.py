@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from entityseg.data.coco_entity import EntityImage, iter_entity_masks, read_entity_image
-from entityseg.data.crops import Box, crop_and_resize, crop_boxes
+from entityseg.data.crops import Box, check_image_size, crop_and_resize, crop_boxes
 from entityseg.data.errors import EntityDataError
 from entityseg.data.lsj import (
     lsj_crop_offset,
@@ -163,7 +163,7 @@ class EntityViewsDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not self.train:
             record = self.records[index]
-            sample = prediction_views(read_entity_image(record), self.views)
+            sample = prediction_views(segmentable_image(record), self.views)
             sample.update(image_id=record.image_id, file_name=str(record.path), num_skipped=0)
             return sample
         for attempt in range(len(self.records)):
@@ -187,7 +187,7 @@ class EntityViewsDataset(Dataset):
     def _make_sample(self, record: EntityImage, rng: np.random.Generator) -> dict:
         """A training sample: the random draws here, the making in ``*_sample``."""
         cfg = self.views
-        image = read_entity_image(record)
+        image = segmentable_image(record)
         height, width = image.shape[:2]
         masks = iter_entity_masks(record, strict=self.strict, stats=self.stats)
         if cfg.augmentation == "lsj":  # the release's draw order: flip, scale, crop offset
@@ -209,6 +209,17 @@ class EntityViewsDataset(Dataset):
             )
         sample.update(image_id=record.image_id, file_name=str(record.path), num_skipped=0)
         return sample
+
+
+def segmentable_image(record: EntityImage) -> np.ndarray:
+    """A record's image (:func:`read_entity_image`), checked to be large enough to segment
+    (:func:`check_image_size`): every problem is an :class:`EntityDataError` naming the file."""
+    image = read_entity_image(record)
+    try:
+        check_image_size(*image.shape[:2])
+    except ValueError as err:
+        raise EntityDataError(record.path, str(err)) from None
+    return image
 
 
 def render_crop_views(

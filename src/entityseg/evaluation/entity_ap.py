@@ -16,13 +16,21 @@ exactly those of a plain pycocotools run done that way, times 100:
 * every ground-truth image is evaluated, so an image without predictions counts its entities
   as misses; predictions for images that are not in the ground truth are an error.
 
+Both inputs are checked before pycocotools sees them (it would end in a ``TypeError`` or
+``KeyError``, or decode broken RLE into garbage or for minutes): see
+:func:`check_ground_truth` and :func:`class_agnostic_results`. A problem raises
+:class:`~entityseg.data.errors.EntityDataError` (a ``ValueError``), one line naming the file
+(or ``predictions`` for a list given in memory), the annotation or prediction, and what is
+wrong, e.g. ``gt.json: annotation 7: RLE counts sum to 1000, not 12 x 100 = 1200``.
+
 ``EntityAP`` wraps the same evaluation as a torchmetrics ``Metric`` whose state can be gathered
 across DDP ranks. Command line::
 
     python -m entityseg.evaluation.entity_ap GT_JSON PREDICTIONS_JSON [--verbose]
 
-prints the metrics as one line of JSON (NaN written as ``null``); an unreadable input prints one
-line naming the file on stderr and exits with status 2.
+prints the metrics as one line of JSON (NaN written as ``null``, as :func:`metrics_json` writes
+every metrics file); an unusable input prints one line naming the file on stderr and exits
+with status 2.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import contextlib
 import io
 import json
 import math
+import numbers
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +55,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from entityseg.data.coco_entity import ENTITY_CATEGORY
 from entityseg.data.errors import EntityDataError
+from entityseg.data.rle import check_rle, describe
 
 #: The first six numbers of ``COCOeval.summarize()`` (all at maxDets 100), in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -76,26 +86,136 @@ def evaluate(
         coco_gt = class_agnostic_ground_truth(_read_json(gt_json_path), gt_source)
     source, raw_predictions = _predictions_and_source(predictions)
     results = class_agnostic_results(raw_predictions, source)
-    _check_images(results, coco_gt, gt_source)
+    _check_images(results, coco_gt, gt_source, source)
     with _pycocotools_output(verbose):
         coco_dt = _load_results(coco_gt, results)
         stats = _run_cocoeval(coco_gt, coco_dt)
     return _metrics_from_stats(stats)
 
 
-def class_agnostic_ground_truth(data: Any, source: str) -> COCO:
-    """A pycocotools ``COCO`` of the json ``data`` with every annotation in the entity category.
+def read_ground_truth(gt_json_path: str | Path) -> dict:
+    """The entity json ``gt_json_path``, checked by :func:`check_ground_truth`.
 
-    The annotations are copied, so ``data`` is left as it is. Annotation ids must be positive
-    and unique: pycocotools looks annotations up by id and takes id 0 for "unmatched", so a
-    duplicate id loses an annotation and id 0 lets one entity be matched many times.
+    Raises :class:`EntityDataError` naming the file when it is missing, unreadable, not json,
+    or not ground truth that pycocotools can score.
+    """
+    data = _read_json(gt_json_path)
+    check_ground_truth(data, str(gt_json_path))
+    return data
+
+
+def check_ground_truth(data: Any, source: str) -> None:
+    """Raise :class:`EntityDataError` (one line naming ``source``) unless ``data`` is COCO
+    instance json that pycocotools scores as it is.
+
+    * ``images``: a list of objects with a unique integer ``id`` and positive integer
+      ``height`` and ``width``;
+    * ``annotations`` (may be absent: no entity): objects with a unique positive integer ``id``
+      (pycocotools looks annotations up by id and takes id 0 for "unmatched", so a duplicate id
+      loses an annotation and id 0 lets one entity be matched many times), an ``image_id`` of
+      ``images``, a ``segmentation`` that is an RLE of the image's size that
+      :func:`~entityseg.data.rle.check_rle` accepts or a list of polygons of at least three
+      points, an ``area`` (a finite number >= 0) and, if given, ``iscrowd`` 0 or 1.
+
+    ``area`` is required, not computed: pycocotools puts ground truth in the small, medium and
+    large ranges by it, and COCO's and EntitySeg's json always hold it (for polygons, the
+    annotation tool's polygon area, which a mask would not give back exactly).
     """
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise EntityDataError(source, "not a COCO json: expected an object with an 'images' list")
     annotations = data.get("annotations", [])
     if not isinstance(annotations, list):
         raise EntityDataError(source, "'annotations' is not a list")
+    sizes = _image_sizes(data["images"], source)
     _check_annotation_ids(annotations, source)
+    for ann in annotations:
+        problem = _annotation_problem(ann, sizes)
+        if problem is not None:
+            raise EntityDataError(source, problem, ann["id"])
+
+
+def _image_sizes(images: list, source: str) -> dict[int, tuple[int, int]]:
+    """Image id -> (height, width) of the ground truth's checked ``images``."""
+    sizes: dict[int, tuple[int, int]] = {}
+    for index, image in enumerate(images):
+        if not isinstance(image, Mapping):
+            raise EntityDataError(source, f"image entry {index} is not an object")
+        missing = [key for key in ("id", "height", "width") if key not in image]
+        if missing:
+            raise EntityDataError(source, f"image entry {index} lacks {missing}")
+        image_id = image["id"]
+        if not _is_int(image_id):
+            raise EntityDataError(
+                source, f"image entry {index}: 'id' must be an integer, not {describe(image_id)}"
+            )
+        for key in ("height", "width"):
+            if not _is_int(image[key]) or image[key] <= 0:
+                raise EntityDataError(
+                    source,
+                    f"image {image_id}: '{key}' must be a positive integer, not "
+                    f"{describe(image[key])}",
+                )
+        if image_id in sizes:
+            raise EntityDataError(source, f"image id {image_id} is not unique")
+        sizes[image_id] = (image["height"], image["width"])
+    return sizes
+
+
+def _annotation_problem(ann: dict, sizes: Mapping[int, tuple[int, int]]) -> str | None:
+    """What makes one ground-truth annotation unusable for pycocotools, or None."""
+    missing = [key for key in ("image_id", "segmentation", "area") if key not in ann]
+    if missing:
+        return f"lacks {missing}"
+    image_id = ann["image_id"]
+    if not _is_int(image_id) or image_id not in sizes:
+        return f"image_id {describe(image_id)} is not in 'images'"
+    if not _is_finite_number(ann["area"]) or ann["area"] < 0:
+        return f"'area' must be a finite number >= 0, not {describe(ann['area'])}"
+    iscrowd = ann.get("iscrowd", 0)
+    if not isinstance(iscrowd, int) or iscrowd not in (0, 1):
+        return f"'iscrowd' must be 0 or 1, not {describe(iscrowd)}"
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, Mapping):
+        try:
+            check_rle(segmentation, *sizes[image_id])
+        except ValueError as err:
+            return str(err)
+        return None
+    if isinstance(segmentation, list):
+        return _polygons_problem(segmentation)
+    return f"'segmentation' must be an RLE or a list of polygons, not {describe(segmentation)}"
+
+
+def _polygons_problem(polygons: list) -> str | None:
+    """What pycocotools would mis-read in a list of polygons (a 4-number one as a box), or
+    None; the wording is that of the training data reader."""
+    if not polygons or any(not isinstance(p, list) or len(p) < 6 for p in polygons):
+        return "empty polygon (fewer than 3 points)"
+    if any(len(p) % 2 for p in polygons):
+        return "polygon with an odd number of coordinates"
+    if not all(_is_finite_number(v) for p in polygons for v in p):
+        return "polygon coordinates must be finite numbers"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a bool (json's ``true`` is no image id)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real number, not a bool, neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def class_agnostic_ground_truth(data: Any, source: str) -> COCO:
+    """A pycocotools ``COCO`` of the json ``data`` with every annotation in the entity category.
+
+    ``data`` is checked first (:func:`check_ground_truth`). The annotations are copied, so
+    ``data`` is left as it is.
+    """
+    check_ground_truth(data, source)
+    annotations = data.get("annotations", [])
     coco = COCO()
     coco.dataset = {
         **data,
@@ -109,8 +229,10 @@ def class_agnostic_ground_truth(data: Any, source: str) -> COCO:
 def class_agnostic_results(predictions: Any, source: str = _IN_MEMORY) -> list[dict]:
     """Validated copies of COCO results as ``loadRes`` should see them: category 1, no bbox.
 
-    Only ``image_id``, ``segmentation`` and ``score`` are kept (in their order), so ``loadRes``
-    computes each area and box from the mask.
+    Only ``image_id`` (an integer, not a bool), ``segmentation`` (a compressed RLE) and
+    ``score`` (a finite number: a NaN or infinite score is refused, not ranked) are kept, in
+    their order, so ``loadRes`` computes each area and box from the mask. The RLE's counts are
+    checked against its image in :func:`evaluate`, which knows the image sizes.
     """
     if not isinstance(predictions, list):
         raise EntityDataError(source, "predictions must be a list of COCO result objects")
@@ -119,23 +241,38 @@ def class_agnostic_results(predictions: Any, source: str = _IN_MEMORY) -> list[d
 
 def _class_agnostic_result(prediction: Any, index: int, source: str) -> dict:
     """One prediction reduced to the fields AP^e uses, after checking they are usable."""
-    where = f"{source}: prediction {index}"
+    where = f"prediction {index}"
     if not isinstance(prediction, Mapping):
-        raise ValueError(f"{where} is not an object")
+        raise EntityDataError(source, f"{where} is not an object")
     missing = [key for key in ("image_id", "segmentation", "score") if key not in prediction]
     if missing:
-        raise ValueError(f"{where} lacks {missing}")
+        raise EntityDataError(source, f"{where} lacks {missing}")
+    image_id, score = prediction["image_id"], prediction["score"]
+    if not _is_int(image_id):
+        raise EntityDataError(
+            source, f"{where}: 'image_id' must be an integer, not {describe(image_id)}"
+        )
+    where = _prediction(index, image_id)
+    if not _is_finite_number(score):
+        raise EntityDataError(
+            source, f"{where}: 'score' must be a finite number, not {describe(score)}"
+        )
     segmentation = prediction["segmentation"]
     if not _is_compressed_rle(segmentation):
-        raise ValueError(
-            f"{where}: 'segmentation' must be a compressed RLE {{'size', 'counts': str}}"
+        raise EntityDataError(
+            source, f"{where}: 'segmentation' must be a compressed RLE {{'size', 'counts': str}}"
         )
     return {
-        "image_id": prediction["image_id"],
+        "image_id": int(image_id),
         "category_id": ENTITY_CATEGORY["id"],
         "segmentation": segmentation,
-        "score": float(prediction["score"]),
+        "score": float(score),
     }
+
+
+def _prediction(index: int, image_id: int) -> str:
+    """How error messages name a prediction."""
+    return f"prediction {index} (image {image_id})"
 
 
 def _is_compressed_rle(segmentation: Any) -> bool:
@@ -153,30 +290,36 @@ def _check_annotation_ids(annotations: list, source: str) -> None:
     seen: set = set()
     for ann in annotations:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
-        if not isinstance(ann_id, int) or ann_id <= 0:
+        if not _is_int(ann_id) or ann_id <= 0:
             raise EntityDataError(source, f"annotation id {ann_id!r} is not a positive integer")
         if ann_id in seen:
             raise EntityDataError(source, "annotation id is not unique", ann_id)
         seen.add(ann_id)
 
 
-def _check_images(results: list[dict], coco_gt: COCO, gt_source: str) -> None:
-    """Predictions must be for ground-truth images, at the image's size (pycocotools asserts
-    on the first and silently mis-scores the second)."""
+def _check_images(results: list[dict], coco_gt: COCO, gt_source: str, source: str) -> None:
+    """Predictions must be for ground-truth images, with an RLE of the image's size whose
+    counts :func:`~entityseg.data.rle.check_rle` accepts (pycocotools asserts on the first,
+    silently mis-scores the second and decodes broken counts into garbage, or for minutes)."""
     images = coco_gt.imgs
     unknown = _sorted_ids({pred["image_id"] for pred in results} - images.keys())
     if unknown:
-        raise ValueError(
-            f"predictions for image ids not in the ground truth {gt_source}: {_format_ids(unknown)}"
+        raise EntityDataError(
+            source, f"image ids not in the ground truth {gt_source}: {_format_ids(unknown)}"
         )
     for index, pred in enumerate(results):
         image = images[pred["image_id"]]
-        expected = [image.get("height"), image.get("width")]
-        if None not in expected and list(pred["segmentation"]["size"]) != expected:
-            raise ValueError(
-                f"prediction {index} for image {pred['image_id']}: mask size "
-                f"{list(pred['segmentation']['size'])} is not the image's {expected}"
+        expected = [image["height"], image["width"]]
+        size = list(pred["segmentation"]["size"])
+        where = _prediction(index, pred["image_id"])
+        if size != expected:
+            raise EntityDataError(
+                source, f"{where}: mask size {_format_ids(size)} is not the image's {expected}"
             )
+        try:
+            check_rle(pred["segmentation"], *expected)
+        except ValueError as err:
+            raise EntityDataError(source, f"{where}: {err}") from None
 
 
 def _sorted_ids(ids: set) -> list:
@@ -216,6 +359,26 @@ def _run_cocoeval(coco_gt: COCO, coco_dt: COCO) -> list[float]:
     evaluator.accumulate()
     evaluator.summarize()
     return [evaluator.stats[i] for i in range(len(METRIC_NAMES))]
+
+
+def metrics_json(metrics: Any, **options: Any) -> str:
+    """``json.dumps(metrics, **options)`` of a metrics dict or a table's rows, every NaN
+    written as ``null``: what every metrics file (``metrics.json``, ``table7.json``) holds.
+
+    A bare ``NaN`` is not JSON: NaN becomes ``null``, and any other non-finite number (an
+    infinity) is refused with ``ValueError`` (``allow_nan=False``) instead of being written.
+    """
+    return json.dumps(_nan_as_none(metrics), allow_nan=False, **options)
+
+
+def _nan_as_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _nan_as_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_as_none(item) for item in value]
+    return value
 
 
 def _metrics_from_stats(stats: Sequence[float]) -> dict[str, float]:
@@ -414,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    print(json.dumps({k: None if math.isnan(v) else v for k, v in metrics.items()}))
+    print(metrics_json(metrics))
     return 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from types import ModuleType
 import torch
 
 from entityseg.data.views import SIZE_DIVISIBILITY, ViewConfig
+
+log = logging.getLogger(__name__)
 
 #: ``mode`` of an exported file: the image-level outputs only (Image-O, also Mask2Former), or
 #: both levels, which serve every Table 7 mode.
@@ -227,14 +230,29 @@ class ExportedNetwork(_ViewsNetwork):
     Swin window counts (more than one window per stage), which the traced graph does not
     depend on (traced size-obliviously by ``entityseg.export``; tested at V = 1); the input's
     shape is checked here instead.
+
+    Loading a ``.pt2`` may run code stored in it (``torch.export.load`` unpickles parts of the
+    file without restriction): open only files from a source you trust, and exchange networks
+    as ONNX (:class:`OnnxNetwork`), which holds no code. Each load logs a warning saying so; a
+    file that does not load raises ValueError in one line naming it.
     """
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: exported network not found")
+        log.warning(
+            "%s: loading a .pt2 may run code stored in it; open only files from a source you "
+            "trust (ONNX, EntitySegmenter.from_onnx, is the safe exchange format)",
+            path,
+        )
         extra_files = {PT2_METADATA_FILE: ""}
-        program = torch.export.load(path, extra_files=extra_files)
+        try:
+            program = torch.export.load(path, extra_files=extra_files)
+        except Exception as err:  # a damaged or foreign file fails anywhere in the loader
+            lines = str(err).strip().splitlines()
+            detail = lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
+            raise ValueError(f"{path}: not a torch.export .pt2 ({detail})") from None
         metadata = json.loads(extra_files[PT2_METADATA_FILE] or "{}")
         super().__init__(ExportInfo.from_metadata(metadata, path))
         self.module = program.module(check_guards=False)

@@ -19,6 +19,8 @@ The written checkpoint carries the network configuration (``entityseg_net``), so
 from __future__ import annotations
 
 import ast
+import codecs
+import collections
 import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -176,18 +178,59 @@ RELEASE_DEFAULTS = {
 
 
 def load_release_config(path: str | Path) -> dict:
-    """A detectron2 yaml as a dict: its ``_BASE_`` chain merged in, over the release's defaults."""
+    """A detectron2 yaml as a dict: its ``_BASE_`` chain merged in, over the release's defaults.
+
+    A file that is missing, does not parse, is not a mapping at its top level, or whose
+    ``_BASE_`` chain is broken or loops raises ReleaseConversionError in one line naming it.
+    """
     return _merge(RELEASE_DEFAULTS, _read_yaml_chain(Path(path)))
 
 
-def _read_yaml_chain(path: Path) -> dict:
-    if not path.is_file():
-        raise ReleaseConversionError(f"{path}: config not found")
-    config = yaml.safe_load(path.read_text()) or {}
+def _read_yaml_chain(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The yaml at ``path`` over its ``_BASE_`` files; ``chain``: the files that named it."""
+    config = _read_yaml(path)
     base = config.pop("_BASE_", None)
     if base is None:
         return config
-    return _merge(_read_yaml_chain(path.parent / base), config)
+    if not isinstance(base, str) or not base:
+        raise ReleaseConversionError(f"{path}: _BASE_ must be a file name, not {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ReleaseConversionError(f"{path}: _BASE_ {base} not found ({base_path})")
+    chain = (*chain, path)
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        loop = " -> ".join(p.name for p in (*chain, base_path))
+        raise ReleaseConversionError(f"{path}: _BASE_ loop {loop}")
+    return _merge(_read_yaml_chain(base_path, chain), config)
+
+
+def _read_yaml(path: Path) -> dict:
+    """One yaml file's mapping (an empty file is an empty one)."""
+    if not path.is_file():
+        raise ReleaseConversionError(f"{path}: config not found")
+    try:
+        config = yaml.safe_load(path.read_bytes())
+    except OSError as err:
+        raise ReleaseConversionError(f"{path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        detail = problem + where if problem else _first_line(err)
+        raise ReleaseConversionError(f"{path}: not valid yaml ({detail})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ReleaseConversionError(
+            f"{path}: the top level is a {type(config).__name__}, not a mapping of config keys"
+        )
+    return config
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message cut to its first line and sentence (its type when it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0].split(". ")[0].strip().rstrip(".") if lines else type(err).__name__
 
 
 def _merge(base: dict, update: Mapping) -> dict:
@@ -366,26 +409,119 @@ def test_views_from_release(config: Mapping) -> dict:
 # --------------------------------------------------------------------------- weights
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes call it, for latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}, not latin1")
+    return codecs.encode(text, "latin1")
+
+
+#: The only globals a detectron2 ``.pkl`` may name, and what each builds: numpy's own pickles
+#: of arrays (``_reconstruct``; ``_frombuffer`` from protocol 5) and scalars, dtypes,
+#: ``OrderedDict`` and protocol 2's bytes. numpy 1.x writes ``numpy.core.*``, 2.x
+#: ``numpy._core.*``: both are read without importing either (the functions are taken from
+#: what this numpy's pickles call).
+PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+    **{
+        (f"numpy.{core}.{module}", name): function
+        for core in ("core", "_core")
+        for module, name, function in (
+            ("multiarray", "_reconstruct", np.ndarray.__reduce__(np.zeros(1))[0]),
+            ("multiarray", "scalar", np.float32(0).__reduce__()[0]),
+            ("numeric", "_frombuffer", np.ndarray.__reduce_ex__(np.zeros(1), 5)[0]),
+        )
+    },
+}
+
+
+class _ReleaseUnpickler(pickle.Unpickler):
+    """An unpickler that builds :data:`PICKLE_GLOBALS` and refuses every other global (a
+    ``.pkl`` that names ``os.system`` or ``builtins.exec`` runs nothing)."""
+
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # Python 2 pickles' byte strings
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return PICKLE_GLOBALS[module, name]
+        except KeyError:
+            raise ReleaseConversionError(
+                f"{self.path}: refused to unpickle {module}.{name}: a detectron2 .pkl holds "
+                "only numpy arrays, dicts, lists and scalars"
+            ) from None
+
+
+#: torch.load's advice around a weights-only refusal, not its reason.
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _read_pth(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; a refusal or an unreadable file in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if refused:
+            raise ReleaseConversionError(
+                f"{path}: refused to unpickle {refused[1]}: a release .pth holds only tensors, "
+                "dicts, lists and numbers"
+            ) from None
+        reasons = [
+            line.strip()
+            for line in str(err).splitlines()
+            if line.strip() and not line.strip().startswith(_TORCH_ADVICE)
+        ]
+        detail = reasons[0] if reasons else type(err).__name__
+        raise ReleaseConversionError(
+            f"{path}: not a readable PyTorch checkpoint ({detail})"
+        ) from None
+    except Exception as err:  # a damaged file fails anywhere in torch.load
+        raise ReleaseConversionError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})"
+        ) from None
+
+
+def _read_pkl(path: Path) -> Any:
+    """A detectron2 ``.pkl`` through :class:`_ReleaseUnpickler`; failures in one line."""
+    with path.open("rb") as f:
+        try:
+            return _ReleaseUnpickler(f, path).load()
+        except ReleaseConversionError:
+            raise
+        except Exception as err:  # a damaged pickle fails in any opcode's own way
+            raise ReleaseConversionError(
+                f"{path}: not a readable .pkl ({_first_line(err)})"
+            ) from None
+
+
 def read_release_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a release ``.pth`` (``{"model": ...}``) or detectron2 ``.pkl`` file.
 
-    ``.pkl`` files are unpickled: only open files from a source you trust.
+    Neither runs code from the file: a ``.pkl`` is unpickled with only numpy arrays and
+    scalars, dicts and lists allowed (:data:`PICKLE_GLOBALS`), a ``.pth`` by
+    ``torch.load(weights_only=True)``. A file that names anything else, or does not read
+    (empty, truncated, not a checkpoint), raises ReleaseConversionError in one line naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise ReleaseConversionError(f"{path}: checkpoint not found")
-    if path.suffix == ".pkl":
-        with path.open("rb") as f:
-            content = pickle.load(f, encoding="latin1")  # noqa: S301 - the user's own file
-    else:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+    if path.stat().st_size == 0:
+        raise ReleaseConversionError(f"{path}: empty file, not a checkpoint")
+    content = _read_pkl(path) if path.suffix == ".pkl" else _read_pth(path)
     state = content.get("model", content) if isinstance(content, dict) else None
     if not isinstance(state, dict):
         raise ReleaseConversionError(f"{path}: no state dict (expected {{'model': ...}})")
     tensors = {}
     for key, value in state.items():
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
+            if value.dtype.kind not in "biuf":
+                raise ReleaseConversionError(f"{path}: {key} is a {value.dtype} array, not numbers")
+            value = torch.from_numpy(np.require(value, requirements=["C", "W"]))
         if isinstance(value, torch.Tensor):
             tensors[key] = value
     return tensors
@@ -484,6 +620,9 @@ def convert_release(
 ) -> dict[str, Any]:
     """Convert a release checkpoint; write an entityseg checkpoint; return a summary.
 
+    ``out_path`` is written through a temporary file renamed over it, so it is always either
+    the previous file or the complete new checkpoint (nothing is written when a step fails).
+
     A file whose names carry no ``backbone.`` / ``sem_seg_head.`` prefix is taken as the
     release's backbone-only pre-training (e.g. a converted ImageNet Swin): it fills the
     backbone, and the rest of the network starts fresh when fine-tuning (``init_from``).
@@ -513,9 +652,10 @@ def convert_release(
             "backbone_only": backbone_only,
         },
     }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out_path)
+    # imported here: entityseg.atomic_checkpoint imports Lightning, which reading needs not
+    from entityseg.atomic_checkpoint import save_atomically
+
+    save_atomically(checkpoint, out_path)  # a killed conversion leaves no half file
     return {
         "tensors": len(state),
         "values": sum(v.numel() for v in state.values()),

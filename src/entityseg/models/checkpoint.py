@@ -11,6 +11,8 @@ test keys), a converted one's under :data:`TEST_VIEWS_KEY` (the release config's
 from __future__ import annotations
 
 import logging
+import re
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -39,24 +41,41 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint at ``path`` as a dict (a bare state dict comes back as it is).
 
-    Files in torch's zip format are memory-mapped: tensors are read when used, so reading a
-    checkpoint for its stored configuration (``model.init_from``) and again for its weights
-    does not read a large file twice.
+    Read with ``weights_only=True``: tensors, numbers, strings and containers only, which is
+    all that a training checkpoint (optimiser, loops, hyper-parameters) or a converted one
+    holds. A file that asks the unpickler for anything else (a function, a class: a crafted
+    file's way to run code) is refused before any of it runs. Every failure to read is one
+    :class:`CheckpointError` line naming the file. Files in torch's zip format are
+    memory-mapped: tensors are read when used, so reading a checkpoint for its stored
+    configuration (``model.init_from``) and again for its weights does not read a large file
+    twice.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) file cannot be mapped: read it whole
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # unpickling garbage fails in many ways: all mean the same
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"{path}: not a checkpoint (torch.load: {reason})") from None
+        checkpoint = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as err:  # unpickling garbage fails in many ways: all mean the same
+        raise CheckpointError(f"{path}: {_unreadable(err)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(checkpoint).__name__})")
     return checkpoint
+
+
+def _unreadable(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if refused:
+        return (
+            f"refused to load: it asks the unpickler for {refused.group(1)}, and a checkpoint "
+            "holds only tensors, numbers, strings and containers (nothing in it was run)"
+        )
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # torch's preamble, then why
+        lines = [line for line in lines[1:] if not line.startswith(("Please file", "Check the"))]
+    return f"not a checkpoint (torch.load: {lines[0] if lines else type(err).__name__})"
 
 
 def stored_net_config(checkpoint: Mapping) -> dict | None:
