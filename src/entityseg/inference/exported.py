@@ -39,6 +39,7 @@ from types import ModuleType
 import torch
 
 from entityseg.data.views import SIZE_DIVISIBILITY, ViewConfig
+from entityseg.models.checkpoint import load_error_reason
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +251,8 @@ class ExportedNetwork(_ViewsNetwork):
         try:
             program = torch.export.load(path, extra_files=extra_files)
         except Exception as err:  # a damaged or foreign file fails anywhere in the loader
-            lines = str(err).strip().splitlines()
-            detail = lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
-            raise ValueError(f"{path}: not a torch.export .pt2 ({detail})") from None
+            reason = load_error_reason(err)
+            raise ValueError(f"{path}: not a torch.export .pt2 ({reason})") from None
         metadata = json.loads(extra_files[PT2_METADATA_FILE] or "{}")
         super().__init__(ExportInfo.from_metadata(metadata, path))
         self.module = program.module(check_guards=False)

@@ -32,7 +32,13 @@ import numpy as np
 import torch
 import yaml
 
-from entityseg.models.checkpoint import LIGHTNING_PREFIX, NET_CONFIG_KEY, TEST_VIEWS_KEY
+from entityseg.models.checkpoint import (
+    LIGHTNING_PREFIX,
+    NET_CONFIG_KEY,
+    TEST_VIEWS_KEY,
+    load_error_reason,
+    refused_global,
+)
 from entityseg.models.cropformer import CropFormer
 
 #: Tensors of a release checkpoint that are not weights of the network.
@@ -216,7 +222,7 @@ def _read_yaml(path: Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        detail = problem + where if problem else _first_line(err)
+        detail = problem + where if problem else load_error_reason(err)
         raise ReleaseConversionError(f"{path}: not valid yaml ({detail})") from None
     if config is None:
         return {}
@@ -225,12 +231,6 @@ def _read_yaml(path: Path) -> dict:
             f"{path}: the top level is a {type(config).__name__}, not a mapping of config keys"
         )
     return config
-
-
-def _first_line(err: BaseException) -> str:
-    """An error's message cut to its first line and sentence (its type when it has none)."""
-    lines = str(err).strip().splitlines()
-    return lines[0].split(". ")[0].strip().rstrip(".") if lines else type(err).__name__
 
 
 def _merge(base: dict, update: Mapping) -> dict:
@@ -456,33 +456,19 @@ class _ReleaseUnpickler(pickle.Unpickler):
             ) from None
 
 
-#: torch.load's advice around a weights-only refusal, not its reason.
-_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
 def _read_pth(path: Path) -> Any:
     """``torch.load(weights_only=True)``; a refusal or an unreadable file in one line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    except Exception as err:  # a damaged file fails anywhere in torch.load
+        refused = refused_global(err)
         if refused:
             raise ReleaseConversionError(
-                f"{path}: refused to unpickle {refused[1]}: a release .pth holds only tensors, "
+                f"{path}: refused to unpickle {refused}: a release .pth holds only tensors, "
                 "dicts, lists and numbers"
             ) from None
-        reasons = [
-            line.strip()
-            for line in str(err).splitlines()
-            if line.strip() and not line.strip().startswith(_TORCH_ADVICE)
-        ]
-        detail = reasons[0] if reasons else type(err).__name__
         raise ReleaseConversionError(
-            f"{path}: not a readable PyTorch checkpoint ({detail})"
-        ) from None
-    except Exception as err:  # a damaged file fails anywhere in torch.load
-        raise ReleaseConversionError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})"
+            f"{path}: not a readable PyTorch checkpoint ({load_error_reason(err)})"
         ) from None
 
 
@@ -495,7 +481,7 @@ def _read_pkl(path: Path) -> Any:
             raise
         except Exception as err:  # a damaged pickle fails in any opcode's own way
             raise ReleaseConversionError(
-                f"{path}: not a readable .pkl ({_first_line(err)})"
+                f"{path}: not a readable .pkl ({load_error_reason(err)})"
             ) from None
 
 

@@ -66,16 +66,35 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def _unreadable(err: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in one line."""
-    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    refused = refused_global(err)
     if refused:
         return (
-            f"refused to load: it asks the unpickler for {refused.group(1)}, and a checkpoint "
+            f"refused to load: it asks the unpickler for {refused}, and a checkpoint "
             "holds only tensors, numbers, strings and containers (nothing in it was run)"
         )
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):  # torch's preamble, then why
-        lines = [line for line in lines[1:] if not line.startswith(("Please file", "Check the"))]
-    return f"not a checkpoint (torch.load: {lines[0] if lines else type(err).__name__})"
+    return f"not a checkpoint (torch.load: {load_error_reason(err)})"
+
+
+#: What torch's loaders say around their reason: advice (to load unsafely), not the reason.
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The global (``posix.system``, ``exec``) whose import made ``torch.load(weights_only=
+    True)`` refuse a file, or None when it failed otherwise."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return refused[1] if refused else None
+
+
+def load_error_reason(err: BaseException) -> str:
+    """Why a file did not load, in a few words: the first line of ``err`` that is not torch's
+    advice, cut at its first sentence (the error's type when it says nothing)."""
+    lines = [
+        line.strip()
+        for line in str(err).splitlines()
+        if line.strip() and not line.strip().startswith(_TORCH_ADVICE)
+    ]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
 
 
 def stored_net_config(checkpoint: Mapping) -> dict | None:
