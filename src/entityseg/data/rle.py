@@ -48,7 +48,7 @@ def check_rle(segmentation: Any, height: int, width: int) -> np.ndarray:
         not isinstance(size, Sequence)
         or isinstance(size, str | bytes)
         or len(size) != 2
-        or not all(_is_int(s) for s in size)
+        or not all(is_int(s) for s in size)
     ):
         raise ValueError(f"RLE size must be two integers [height, width], not {describe(size)}")
     if [int(s) for s in size] != [height, width]:
@@ -129,11 +129,12 @@ def _ascii(counts: str | bytes) -> bytes:
 def _check_uncompressed(counts: list) -> None:
     """Every run of uncompressed counts must be a non-negative ``int``."""
     for index, run in enumerate(counts):
-        if not _is_int(run) or run < 0:
+        if not is_int(run) or run < 0:
             raise ValueError(f"RLE counts: run {index} is {describe(run)}, not an integer >= 0")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (json's ``true`` is no count, size or id)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

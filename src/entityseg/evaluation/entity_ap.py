@@ -55,7 +55,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from entityseg.data.coco_entity import ENTITY_CATEGORY
 from entityseg.data.errors import EntityDataError
-from entityseg.data.rle import check_rle, describe
+from entityseg.data.rle import check_rle, describe, is_int
 
 #: The first six numbers of ``COCOeval.summarize()`` (all at maxDets 100), in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -144,12 +144,12 @@ def _image_sizes(images: list, source: str) -> dict[int, tuple[int, int]]:
         if missing:
             raise EntityDataError(source, f"image entry {index} lacks {missing}")
         image_id = image["id"]
-        if not _is_int(image_id):
+        if not is_int(image_id):
             raise EntityDataError(
                 source, f"image entry {index}: 'id' must be an integer, not {describe(image_id)}"
             )
         for key in ("height", "width"):
-            if not _is_int(image[key]) or image[key] <= 0:
+            if not is_int(image[key]) or image[key] <= 0:
                 raise EntityDataError(
                     source,
                     f"image {image_id}: '{key}' must be a positive integer, not "
@@ -167,7 +167,7 @@ def _annotation_problem(ann: dict, sizes: Mapping[int, tuple[int, int]]) -> str 
     if missing:
         return f"lacks {missing}"
     image_id = ann["image_id"]
-    if not _is_int(image_id) or image_id not in sizes:
+    if not is_int(image_id) or image_id not in sizes:
         return f"image_id {describe(image_id)} is not in 'images'"
     if not _is_finite_number(ann["area"]) or ann["area"] < 0:
         return f"'area' must be a finite number >= 0, not {describe(ann['area'])}"
@@ -196,11 +196,6 @@ def _polygons_problem(polygons: list) -> str | None:
     if not all(_is_finite_number(v) for p in polygons for v in p):
         return "polygon coordinates must be finite numbers"
     return None
-
-
-def _is_int(value: Any) -> bool:
-    """An integer, not a bool (json's ``true`` is no image id)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -248,7 +243,7 @@ def _class_agnostic_result(prediction: Any, index: int, source: str) -> dict:
     if missing:
         raise EntityDataError(source, f"{where} lacks {missing}")
     image_id, score = prediction["image_id"], prediction["score"]
-    if not _is_int(image_id):
+    if not is_int(image_id):
         raise EntityDataError(
             source, f"{where}: 'image_id' must be an integer, not {describe(image_id)}"
         )
@@ -290,7 +285,7 @@ def _check_annotation_ids(annotations: list, source: str) -> None:
     seen: set = set()
     for ann in annotations:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
-        if not _is_int(ann_id) or ann_id <= 0:
+        if not is_int(ann_id) or ann_id <= 0:
             raise EntityDataError(source, f"annotation id {ann_id!r} is not a positive integer")
         if ann_id in seen:
             raise EntityDataError(source, "annotation id is not unique", ann_id)
