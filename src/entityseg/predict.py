@@ -58,6 +58,7 @@ from entityseg.config import CONFIG_DIR, exits_on_config_error
 from entityseg.data.coco_entity import IMAGE_SUFFIXES, read_rgb_image
 from entityseg.data.errors import EntityDataError
 from entityseg.data.rle import describe
+from entityseg.data.views import segmentable
 from entityseg.evaluate import check_modes, segmenter_from_config
 from entityseg.evaluation.entity_ap import read_ground_truth
 from entityseg.inference.cuda_graphs import check_cuda_graphs
@@ -320,16 +321,6 @@ def check_outputs_spare_inputs(out_dir: Path, paths: list[Path], *others: str | 
                 )
 
 
-def segment_photo(segmenter: EntitySegmenter, path: Path) -> tuple[np.ndarray, Entities]:
-    """Read and segment one photo; what makes it fail (unreadable, too small to segment) is
-    an :class:`EntityDataError` naming it."""
-    image = read_rgb_image(path)
-    try:
-        return image, segmenter(image)
-    except ValueError as err:
-        raise EntityDataError(path, str(err)) from None
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @exits_on_config_error
 def main(cfg: DictConfig) -> None:
@@ -366,8 +357,9 @@ def main(cfg: DictConfig) -> None:
             if known_ids and path.name not in known_ids:
                 failed.append(_skipped(path, f"{path}: not an image of gt={cfg.gt}"))
                 continue
-            try:
-                image, entities = segment_photo(segmenter, path)
+            try:  # unreadable or too small to segment: an EntityDataError naming the photo
+                image = segmentable(read_rgb_image(path), path)
+                entities = segmenter(image)
             except EntityDataError as err:
                 failed.append(_skipped(path, str(err)))
                 continue

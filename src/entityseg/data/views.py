@@ -30,6 +30,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,7 +164,9 @@ class EntityViewsDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not self.train:
             record = self.records[index]
-            sample = prediction_views(segmentable_image(record), self.views)
+            sample = prediction_views(
+                segmentable(read_entity_image(record), record.path), self.views
+            )
             sample.update(image_id=record.image_id, file_name=str(record.path), num_skipped=0)
             return sample
         for attempt in range(len(self.records)):
@@ -187,7 +190,7 @@ class EntityViewsDataset(Dataset):
     def _make_sample(self, record: EntityImage, rng: np.random.Generator) -> dict:
         """A training sample: the random draws here, the making in ``*_sample``."""
         cfg = self.views
-        image = segmentable_image(record)
+        image = segmentable(read_entity_image(record), record.path)
         height, width = image.shape[:2]
         masks = iter_entity_masks(record, strict=self.strict, stats=self.stats)
         if cfg.augmentation == "lsj":  # the release's draw order: flip, scale, crop offset
@@ -211,14 +214,13 @@ class EntityViewsDataset(Dataset):
         return sample
 
 
-def segmentable_image(record: EntityImage) -> np.ndarray:
-    """A record's image (:func:`read_entity_image`), checked to be large enough to segment
-    (:func:`check_image_size`): every problem is an :class:`EntityDataError` naming the file."""
-    image = read_entity_image(record)
+def segmentable(image: np.ndarray, path: str | Path) -> np.ndarray:
+    """``image`` (read from ``path``), checked to be large enough to segment
+    (:func:`check_image_size`); an :class:`EntityDataError` naming the file otherwise."""
     try:
         check_image_size(*image.shape[:2])
     except ValueError as err:
-        raise EntityDataError(record.path, str(err)) from None
+        raise EntityDataError(path, str(err)) from None
     return image
 
 
