@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint docs clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+	site=$$(mktemp -d) && $(MAKE) --no-print-directory docs SITE_DIR=$$site; \
+	status=$$?; rm -rf $$site; exit $$status
+
+# The documentation site (mkdocs.yml, docs/): --strict fails on any warning (a broken link,
+# nav entry or API reference; never add --quiet: it hides warnings from --strict too);
+# `make test` builds it into a temporary folder.
+SITE_DIR ?= site
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE_DIR)
 
 demo: setup
 	$(BIN)/python -m entityseg.demo experiment=demo
@@ -25,4 +34,4 @@ lint: setup
 	$(BIN)/ruff format --check src tests scripts
 
 clean:
-	rm -rf $(VENV) outputs data/synthetic .pytest_cache
+	rm -rf $(VENV) outputs data/synthetic .pytest_cache site

@@ -80,12 +80,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from entityseg.data.crops import crop_boxes
-from entityseg.data.datamodule import test_view_config
 from entityseg.data.synthetic import generate_dataset
-from entityseg.data.views import collate_views, prediction_views
+from entityseg.data.views import ViewConfig, collate_views, prediction_views
 from entityseg.inference.cuda_graphs import graphed
 from entityseg.inference.fusion import fuse_entities
-from entityseg.inference.runner import resolve_view_chunk, run_modes
+from entityseg.inference.runner import run_modes
+from entityseg.inference.settings import InferenceSettings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("forward", "end_to_end", "train_step", "dataloader", "predict_memory")
@@ -376,7 +376,7 @@ class Bench:
         from entityseg.export import OPSET, export_network
         from entityseg.inference.exported import OnnxNetwork
 
-        views = test_view_config(**OmegaConf.to_container(self.cfg.data, resolve=True))
+        views = ViewConfig.from_keys(self.cfg.data, others="ignore")
         networks = {}
         for mode in modes:
             path = folder / f"{mode}.onnx"
@@ -396,9 +396,9 @@ class Bench:
 
     def inference_groups(self, task: str) -> Iterator[list[Case]]:
         h, w = self.args.height, self.args.width
-        settings = self.cfg.inference
+        settings = InferenceSettings.from_config(self.cfg.inference)
         # as evaluate and predict run the network
-        view_chunk = resolve_view_chunk(settings.get("view_chunk"), self.device)
+        view_chunk = settings.views_at_once(self.device)
         for views in self.args.views:
             mode = MODE_OF_VIEWS[views]
             images = random_views(views, h, w, self.device)
@@ -418,9 +418,7 @@ class Bench:
                         sizes,
                         sizes,
                         mode,
-                        max_entities=settings.max_entities,
-                        overlapping=settings.overlapping,
-                        query_chunk=settings.query_chunk,
+                        settings,
                     )
                     return [e.to_coco(image_id=1) for e in entities]
 
@@ -530,26 +528,18 @@ class Bench:
         height, width = self.args.high_res_size
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         data.update(test_crop_layout="fixed8", size_scale=1.0)
-        views = test_view_config(**data)
-        settings = self.cfg.inference
+        views = ViewConfig.from_keys(data, others="ignore")
+        # the network in the benchmark's precision, as predict runs it in inference.precision
+        settings = InferenceSettings.from_config(self.cfg.inference, precision=self.args.precision)
         image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
         def predict():
             sample = prediction_views(image, views)
             sample.update(image_id=1, file_name="photo.jpg", num_skipped=0)
             batch = collate_views([sample])
-            with self.autocast():
-                result = run_modes(
-                    self.net,
-                    [batch],
-                    ["batch_oc"],
-                    self.device,
-                    settings.max_entities,
-                    settings.overlapping,
-                    settings.query_chunk,
-                    show_progress=False,
-                    view_chunk=settings.get("view_chunk"),
-                )["batch_oc"]
+            result = run_modes(
+                self.net, [batch], ["batch_oc"], self.device, settings, show_progress=False
+            )["batch_oc"]
             return result.entities[1].to_coco(1)
 
         extra = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's checks that need a CUDA GPU, in one call. The lent device machine has PyTorch,
 # Triton, timm and transformers but not our other dependencies: they travel as wheels in .whl/
-# (README, "GPU checks"). Logs and benchmark JSON go to $OUT (default ./gpu_out).
+# (docs/performance.md, "GPU checks"). Logs and benchmark JSON go to $OUT (default ./gpu_out).
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from entityseg.inference.runner import resolve_view_chunk  # noqa: E402
+from entityseg.inference.settings import InferenceSettings  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int, device: torch.device) -> float:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode(), autocast:
         for views in args.views:
             images = benchmark.random_views(views, args.height, args.width, device)
-            view_chunk = resolve_view_chunk(cfg.inference.get("view_chunk"), device)
+            view_chunk = InferenceSettings.from_config(cfg.inference).views_at_once(device)
             models = [("entityseg", entityseg_parts(net, images, view_chunk))]
             if hf is not None and views == 1:
                 models.append(("hf_mask2former", hf_parts(hf, images[:, 0])))

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,46 @@ def run_python(*args, timeout: float = 600, env: dict | None = None):
         timeout=timeout,
         env=env,
     )
+
+
+class Background:
+    """``python ARGS...`` from the repo root, started now and left to run, its stdout and stderr
+    written to ``folder``: a long single-threaded command whose result a module needs late runs
+    on another core while the module's first tests run. :meth:`result` waits for it.
+    """
+
+    def __init__(self, *args, folder: Path, timeout: float = 600) -> None:
+        self.folder, self.timeout, self.started = folder, timeout, time.monotonic()
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
+            command = [sys.executable, *map(str, args)]
+            self.process = subprocess.Popen(command, stdout=out, stderr=err, cwd=REPO)
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Waits until the command ends (killed ``timeout`` s after its start, as
+        :func:`run_python`'s are) and returns what :func:`run_python` would."""
+        try:
+            self.process.wait(timeout=max(0.0, self.started + self.timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        stdout, stderr = ((self.folder / name).read_text() for name in ("stdout.txt", "stderr.txt"))
+        return subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, stdout, stderr
+        )
+
+    def stop(self) -> None:
+        """Kills the command if it still runs (the tests that needed it did not wait)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def selected_in_module(request, fixture: str) -> bool:
+    """Whether a selected test of the requesting fixture's module uses ``fixture``: a module
+    fixture starts a :class:`Background` command only when a test will wait for it."""
+    items = [item for item in request.session.items if item.path == request.path]
+    return any(fixture in item.fixturenames for item in items)
 
 
 def cli_config(name: str, output_dir: Path, *overrides: str):

@@ -20,8 +20,9 @@ from entityseg import CheckpointError, Entities, EntitySegmenter
 from entityseg.config import ConfigError
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.data.errors import EntityDataError
+from entityseg.data.views import ViewConfig
 from entityseg.interop.release import convert_release
-from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY, read_checkpoint
+from entityseg.models.checkpoint import INFERENCE_KEY, NET_CONFIG_KEY, VIEWS_KEY, read_checkpoint
 
 #: The trained checkpoint's test views: none of them the synthetic data config's.
 VIEWS = ["data.test_crop_layout=fixed8", "data.crop_delta=0.6", "data.test_short_size=500"]
@@ -31,7 +32,7 @@ SHORT_SIDE = 80  # 500 x data.size_scale 0.16
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(last.ckpt of a one-step training run with :data:`VIEWS`, its folder)."""
-    from entityseg.train import train
+    from entityseg.training import train
     from test_train import config
 
     tmp_path = tmp_path_factory.mktemp("trained")
@@ -95,11 +96,13 @@ def predicted(trained, photos, tmp_path_factory):
 def test_training_checkpoint_stores_its_test_views(trained, segmenter):
     stored = read_checkpoint(trained[0])[VIEWS_KEY]
     assert stored["test_crop_layout"] == "fixed8" and stored["crop_delta"] == 0.6
-    assert (stored["test_short_size"], stored["size_scale"]) == (500, 0.16)
+    assert (stored["test_short_size"], stored["size_scale"]) == (500, 0.16)  # as configured
+    assert ViewConfig.from_keys(stored) == segmenter.views
     views = segmenter.views
     assert views.short_sizes == (SHORT_SIDE,)
     assert (views.crop_layout, views.crop_delta) == ("fixed8", 0.6)
-    assert segmenter.compat == "entityseg" and segmenter.mode == "batch_oc"
+    assert (segmenter.settings.compat, segmenter.settings.mode) == ("entityseg", "batch_oc")
+    assert read_checkpoint(trained[0])[INFERENCE_KEY]["compat"] is None  # left to the file
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +266,9 @@ def test_a_converted_release_checkpoint_gives_the_release_entities(converted, sh
     Mask2Former, without a batch decoder, predicts with image_o)."""
     path, folder = converted[name]
     segmenter = EntitySegmenter.from_checkpoint(path, device="cpu")
-    assert segmenter.compat == "release" and segmenter.views.crop_resize == "own"
-    assert segmenter.mode == ("image_o" if name.startswith("mask2former") else "batch_oc")
+    assert segmenter.settings.compat == "release" and segmenter.views.crop_resize == "own"
+    expected_mode = "image_o" if name.startswith("mask2former") else "batch_oc"
+    assert segmenter.settings.mode == expected_mode
     images = shared_data / "coco_panoptic_sample/images"
     for record in json.loads((folder / "entities.json").read_text()):
         entities = segmenter(images / record["file_name"])
@@ -315,7 +319,7 @@ def test_bad_inputs_fail_in_one_line(segmenter, trained, tmp_path):
         ({"crop_size": 3}, "crop_size=3: unknown setting"),
         ({"crop_delta": 1.5}, r"data.crop_delta=1.5: must be in \(0, 1\]"),
         ({"test_crop_layout": "random"}, "data.test_crop_layout='random': unknown crop layout"),
-        ({"compat": "detectron2"}, "inference.compat='detectron2': unknown compat"),
+        ({"compat": "detectron2"}, "inference.compat='detectron2': unknown; expected"),
         ({"max_entities": -1}, "inference.max_entities=-1: must be an integer >= 0"),
         ({"view_chunk": 0}, "inference.view_chunk=0: must be auto"),
     ):
@@ -330,19 +334,18 @@ def test_bad_inputs_fail_in_one_line(segmenter, trained, tmp_path):
 def test_replace_shares_the_network_and_changes_the_settings(segmenter, photos):
     path = photos / "rgb.jpg"
     other = segmenter.replace(
-        "batch_c", test_crop_layout="fixed4", crop_delta=0.7, overlapping=True
+        mode="batch_c", test_crop_layout="fixed4", crop_delta=0.7, overlapping=True
     )
-    assert other.net is segmenter.net and other.mode == "batch_c"
+    assert other.net is segmenter.net and other.settings.mode == "batch_c"
     assert (other.views.crop_layout, other.views.crop_delta) == ("fixed4", 0.7)
-    assert other.views.short_sizes == segmenter.views.short_sizes and other.overlapping
+    assert other.views.short_sizes == segmenter.views.short_sizes and other.settings.overlapping
     assert len(other(path).crop_boxes) == 4 and len(segmenter(path).crop_boxes) == 8
     everything = other(path)
     threshold = float(everything.scores.median())
     kept = other.replace(score_threshold=threshold)(path)
     assert kept.rles == everything.scoring_at_least(threshold).rles and len(kept) < len(everything)
-    assert other.replace(score_threshold=threshold).settings()["inference.score_threshold"] == (
-        threshold
-    )
+    record = other.replace(score_threshold=threshold).settings_record()
+    assert record["inference.score_threshold"] == threshold
     with pytest.raises(ConfigError, match=r"^inference.score_threshold=1.5: must be in \[0, 1\]"):
         segmenter.replace(score_threshold=1.5)
     with pytest.raises(ConfigError, match="^colour='red': unknown setting"):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_python
+from conftest import REPO, Background, run_python, selected_in_module
 
 CONTRACT_KEYS = {
     "impl",
@@ -126,17 +126,39 @@ def test_profile_parts_times_every_part_and_writes_kernel_tables(tmp_path):
     assert "aten::" in tables
 
 
-@pytest.mark.slow
-def test_onnx_rows_beside_the_pytorch_rows(tmp_path):
-    # Image-O only: one export (tests/test_export.py covers both files)
-    out = tmp_path / "bench.json"
-    result = run_python(
+@pytest.fixture(scope="module", autouse=True)
+def onnx_run_started(request, tmp_path_factory):
+    """The benchmark run of :func:`onnx_run`, started before this module's first test: its
+    ONNX export (20 s of single-threaded tracing) runs beside the other tests' runs, which
+    use one thread too. None when no selected test needs it."""
+    if not selected_in_module(request, "onnx_run"):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("onnx_run")
+    # Image-O only, of one-layer decoders: one export of a small graph (tests/test_export.py
+    # checks the exported files of both modes against PyTorch; here only the rows count)
+    run = Background(
         "scripts/benchmark.py",
         "--backbone", "tiny", "--experiment", "demo", "--height", "64", "--width", "96",
         "--runs", "1", "--warmup", "0", "--threads", "1", "--tasks", "forward",
-        "--views", "1", "--onnx", "--no-hf", "--json", out,
-        timeout=600,
+        "--views", "1", "--onnx", "--no-hf", "--json", out / "bench.json", "--overrides",
+        "model.net.pixel_decoder.num_layers=1", "model.net.decoder.num_layers=1",
+        folder=out,
     )  # fmt: skip
+    yield run, out / "bench.json"
+    run.stop()
+
+
+@pytest.fixture(scope="module")
+def onnx_run(onnx_run_started):
+    """scripts/benchmark.py with ``--onnx``: (the finished process, its json)."""
+    run, out = onnx_run_started
+    return run.result(), out
+
+
+@pytest.mark.slow
+def test_onnx_rows_beside_the_pytorch_rows(onnx_run):
+    result, out = onnx_run
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {(r["impl"], r["mode"], r["views"]) for r in rows} == {

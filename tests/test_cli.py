@@ -12,7 +12,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import REPO, collected_table, pycocotools_ap, run_python
-from entityseg.predict import check_unique_stems, find_images, read_results
+from entityseg.inference.writing import (
+    InputError,
+    check_unique_stems,
+    find_images,
+    read_results,
+)
 
 SMALL_DATA = [
     "data.num_workers=0",
@@ -74,7 +79,10 @@ def test_evaluate_refuses_unknown_mode_and_missing_checkpoint(checkpoint, tmp_pa
         "entityseg.evaluate", tmp_path, f"ckpt_path={checkpoint}", "inference.modes=[batch_x]"
     )
     assert result.returncode != 0
-    assert "inference mode 'batch_x' is unknown" in result.stderr.strip().splitlines()[-1]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "config error: inference.modes='batch_x': unknown inference mode; expected one of "
+        "['image_o', 'batch_o', 'batch_c', 'batch_oc']"
+    )
     result = run("entityseg.evaluate", tmp_path, f"ckpt_path={tmp_path}/nope.ckpt")
     assert result.returncode != 0 and "nope.ckpt: checkpoint not found" in result.stderr
 
@@ -183,7 +191,7 @@ def test_predict_resumes_an_interrupted_run(checkpoint, predicted, tmp_path):
     assert not list(killed.glob(".*"))
 
     other = {**json.loads(header)["settings"], "inference.mode": "image_o"}
-    with pytest.raises(SystemExit) as info:  # what a rerun with inference.mode=image_o does
+    with pytest.raises(InputError) as info:  # what a rerun with inference.mode=image_o does
         read_results(killed / "predictions.jsonl", other)
     assert str(info.value) == (
         f"output={killed} holds predictions made with other settings "
@@ -202,14 +210,14 @@ def test_predict_with_nothing_to_do_says_so(checkpoint, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"input={empty}: no image (") and last.endswith(": nothing to do")
     assert not out.exists()
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(InputError) as info:
         find_images(f"{empty}/*.jpg")
     assert str(info.value) == (
         f"input={empty}/*.jpg: no such file or folder, no file matches it: nothing to do"
     )
     (empty / "a.jpg").write_bytes(b"")
     (empty / "a.png").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"a\.jpg and .*a\.png would both write a\.png"):
+    with pytest.raises(InputError, match=r"a\.jpg and .*a\.png would both write a\.png"):
         check_unique_stems(find_images(str(empty)))
 
 

@@ -10,7 +10,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from pycocotools import mask as mask_utils
 
-from conftest import TINY_NET, run_python, tiny_model
+from conftest import (
+    SHARED_DATA,
+    TINY_NET,
+    Background,
+    run_python,
+    selected_in_module,
+    tiny_model,
+)
 from entityseg import EntitySegmenter
 from entityseg.config import CONFIG_DIR, ConfigError
 from entityseg.data.coco_entity import read_rgb_image
@@ -21,9 +28,10 @@ from entityseg.inference.exported import (
     ExportedNetwork,
     OnnxNetwork,
 )
-from entityseg.inference.fusion import INFERENCE_MODES
 from entityseg.inference.runner import run_modes
+from entityseg.inference.settings import INFERENCE_MODES, InferenceSettings
 from entityseg.interop.release import convert_release
+from entityseg.models.outputs import TUPLE_NAMES, CropFormerOutput
 
 #: Test views of the tiny network (fixed4: V = 5), short side 160 for the COCO photos.
 VIEWS = ViewConfig(
@@ -38,6 +46,7 @@ VIEWS = ViewConfig(
 EXAMPLE_SIZE = (64, 96)  # traced at; checked at the sizes below
 OTHER_SIZES = [(96, 128), (128, 64)]
 CPU = torch.device("cpu")
+SETTINGS = InferenceSettings()
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +70,14 @@ def random_images(views: int, height: int, width: int, seed: int = 0) -> torch.T
     return torch.randn(1, views, 3, height, width, generator=generator)
 
 
-def largest_differences(expected: dict, actual: dict) -> dict:
+def largest_differences(expected: CropFormerOutput, actual: CropFormerOutput) -> dict:
+    """Max |actual - expected| of each final tensor, by ``to_tuple`` name."""
+    assert len(actual.to_tuple()) == len(expected.to_tuple())
     return {
-        f"{level}.{key}": (actual[level][key] - expected[level][key]).abs().max().item()
-        for level in ("image", "batch")
-        if expected[level] is not None
-        for key in ("logits", "masks")
+        name: (ours - theirs).abs().max().item()
+        for name, ours, theirs in zip(
+            TUPLE_NAMES, actual.to_tuple(), expected.to_tuple(), strict=False
+        )
     }
 
 
@@ -80,11 +91,10 @@ def test_onnx_outputs_equal_pytorchs_at_other_sizes(net, onnx_files, mode, size)
     with torch.inference_mode():
         expected = net(images, batch_level=batch_level)
     actual = exported(images, batch_level=batch_level)
-    assert (actual["batch"] is None) == (not batch_level)
-    assert actual["image"]["aux"] == []
-    for level in ("image", "batch") if batch_level else ("image",):
-        for key in ("logits", "masks"):
-            assert actual[level][key].shape == expected[level][key].shape
+    assert (actual.batch is None) == (not batch_level)
+    assert actual.image.aux == []
+    for ours, theirs in zip(actual.to_tuple(), expected.to_tuple(), strict=True):
+        assert ours.shape == theirs.shape
     differences = largest_differences(expected, actual)
     assert max(differences.values()) < 1e-4, differences
 
@@ -95,7 +105,7 @@ def test_batch_file_runs_the_full_view_alone(net, onnx_files):
     with torch.inference_mode():
         expected = net(images, batch_level=False)
     actual = OnnxNetwork(onnx_files["batch_oc"])(images, batch_level=False)
-    assert actual["batch"] is None
+    assert actual.batch is None
     assert max(largest_differences(expected, actual).values()) < 1e-4
 
 
@@ -128,12 +138,17 @@ def assert_same_entities(expected, actual, mode: str) -> None:
 
 def test_fused_entities_through_onnx_equal_pytorchs(net, onnx_files, shared_data):
     batches = coco_batches(shared_data, VIEWS)
-    expected = run_modes(net, batches, INFERENCE_MODES, CPU, show_progress=False)
+    expected = run_modes(net, batches, INFERENCE_MODES, CPU, SETTINGS, show_progress=False)
     from_batch_file = run_modes(
-        OnnxNetwork(onnx_files["batch_oc"]), batches, INFERENCE_MODES, CPU, show_progress=False
+        OnnxNetwork(onnx_files["batch_oc"]),
+        batches,
+        INFERENCE_MODES,
+        CPU,
+        SETTINGS,
+        show_progress=False,
     )
     from_image_file = run_modes(
-        OnnxNetwork(onnx_files["image_o"]), batches, ["image_o"], CPU, show_progress=False
+        OnnxNetwork(onnx_files["image_o"]), batches, ["image_o"], CPU, SETTINGS, show_progress=False
     )
     compared = [(mode, from_batch_file[mode]) for mode in INFERENCE_MODES]
     compared.append(("image_o", from_image_file["image_o"]))
@@ -232,21 +247,36 @@ def test_cli_refuses_a_bad_format_or_mode_in_one_line(tmp_path, override, messag
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
 
 
-@pytest.fixture(scope="module")
-def release_export(shared_data, tmp_path_factory) -> tuple:
-    """The release's reduced CropFormer, converted and exported (batch_oc) by the CLI."""
+@pytest.fixture(scope="module", autouse=True)
+def release_export_started(request, tmp_path_factory):
+    """The CLI export of :func:`release_export`, started before this module's first test: its
+    minute and a half of tracing (single-threaded Python, as the tiny network's exports above)
+    runs on the second core meanwhile. None when no selected test needs it, or without the
+    shared data (``release_export`` then skips or fails as ``shared_data`` says)."""
+    if not (selected_in_module(request, "release_export") and SHARED_DATA.is_dir()):
+        yield None
+        return
     out = tmp_path_factory.mktemp("release_export")
-    folder = shared_data / "official_reference/cropformer_tiny"
+    folder = SHARED_DATA / "official_reference/cropformer_tiny"
     checkpoint = out / "cropformer_tiny.ckpt"
     convert_release(folder / "model_final.pth", folder / "config.yaml", checkpoint)
-    result = run_python(
+    export = Background(
         "-m",
         "entityseg.export",
         f"ckpt_path={checkpoint}",
         f"hydra.run.dir={out}/run",
-        timeout=600,
+        folder=out / "output",
     )
-    return result, out / "run" / "cropformer_tiny_batch_oc.onnx", folder
+    yield export, out, folder
+    export.stop()
+
+
+@pytest.fixture(scope="module")
+def release_export(shared_data, release_export_started) -> tuple:
+    """The release's reduced CropFormer, converted and exported (batch_oc) by the CLI: (the
+    finished process, the file, the release's folder)."""
+    export, out, folder = release_export_started
+    return export.result(), out / "run" / "cropformer_tiny_batch_oc.onnx", folder
 
 
 @pytest.mark.slow
@@ -272,7 +302,7 @@ def test_exported_release_file_reproduces_the_releases_entities(release_export, 
     result, path, folder = release_export
     assert result.returncode == 0, result.stderr[-3000:]
     segmenter = EntitySegmenter.from_onnx(path)
-    assert (segmenter.mode, segmenter.compat) == ("batch_oc", "release")
+    assert (segmenter.settings.mode, segmenter.settings.compat) == ("batch_oc", "release")
     images = shared_data / "coco_panoptic_sample/images"
     for record in json.loads((folder / "entities.json").read_text()):
         entities = segmenter(images / record["file_name"])
@@ -299,7 +329,7 @@ def test_from_onnx_gives_from_checkpoints_entities(release_export, shared_data, 
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = path.parents[1] / "cropformer_tiny.ckpt"
     photos = sorted((shared_data / "coco_panoptic_sample/images").glob("*.jpg"))
-    expected = EntitySegmenter.from_checkpoint(checkpoint, mode, device="cpu")(photos)
-    actual = EntitySegmenter.from_onnx(path, mode)(photos)
+    expected = EntitySegmenter.from_checkpoint(checkpoint, mode=mode, device="cpu")(photos)
+    actual = EntitySegmenter.from_onnx(path, mode=mode)(photos)
     for want, got in zip(expected, actual, strict=True):
         assert_same_entities(want, got, mode)

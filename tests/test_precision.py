@@ -8,16 +8,13 @@ from hydra.utils import instantiate
 from conftest import REPO, make_datamodule, run_python, tiny_model
 from entityseg.config import ConfigError, instantiate_checked
 from entityseg.data.synthetic import generate_dataset
-from entityseg.inference.runner import (
-    check_precision,
-    fuse_modes,
-    inference_precision,
-    run_modes,
-)
+from entityseg.inference.runner import fuse_modes, inference_precision, run_modes
+from entityseg.inference.settings import InferenceSettings
 from entityseg.losses.criterion import CropFormerCriterion
 from entityseg.models.checkpoint import load_weights
 from entityseg.models.cropformer import CropFormer
-from entityseg.train import train
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
+from entityseg.training import train
 from test_train import config as train_config
 
 MODES = ["image_o", "batch_oc"]
@@ -119,9 +116,8 @@ def test_bf16_predictions_keep_the_fp32_masks(trained, datamodule):
                 batches,
                 MODES,
                 torch.device("cpu"),
-                overlapping=True,
+                InferenceSettings(overlapping=True, precision=precision),
                 show_progress=False,
-                precision=precision,
             )
             for precision in ("fp32", "bf16")
         }
@@ -134,15 +130,16 @@ def test_bf16_predictions_keep_the_fp32_masks(trained, datamodule):
 
 def test_bf16_runs_the_network_in_bf16_and_fuses_in_float32(trained, datamodule):
     batch = next(iter(datamodule.test_dataloader()))
-    with torch.no_grad(), inference_precision("cpu", "bf16"):
+    bf16 = InferenceSettings(precision="bf16")
+    with torch.no_grad(), inference_precision("cpu", bf16):
         outputs = trained(batch["images"])
-    assert outputs["batch"]["masks"].dtype == torch.bfloat16
-    fused = fuse_modes(outputs, batch, MODES)  # casts to float32 before fusing
+    assert outputs.batch.masks.dtype == torch.bfloat16
+    fused = fuse_modes(outputs, batch, MODES, bf16)  # casts to float32 before fusing
     assert all(len(entities) > 0 for entities in fused["batch_oc"])
     outer = torch.autocast("cpu", dtype=torch.bfloat16)  # as under trainer.precision=bf16-mixed
-    with torch.no_grad(), outer, inference_precision("cpu", "fp32"):  # fp32 turns it off
+    with torch.no_grad(), outer, inference_precision("cpu", InferenceSettings()):  # fp32: off
         outputs = trained(batch["images"])
-    assert outputs["batch"]["masks"].dtype == torch.float32
+    assert outputs.batch.masks.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -156,9 +153,9 @@ def test_compiled_backbone_and_pixel_decoder_equal_eager(backend):
         eager = net(images)
         net.compile_parts(backend=backend)
         compiled = net(images)
-    for key in ("image", "batch"):
-        for name in ("logits", "masks"):
-            torch.testing.assert_close(compiled[key][name], eager[key][name], atol=1e-4, rtol=1e-4)
+    for actual, expected in zip(compiled.to_tuple(), eager.to_tuple(), strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert len(eager.to_tuple()) == 4  # both decoders' logits and masks
 
 
 def test_compile_keeps_state_dict_keys_and_checkpoints_load(tmp_path):
@@ -182,12 +179,10 @@ def test_a_bad_precision_is_one_clear_line(tmp_path):
     problem = "inference.precision='fp16': is unknown; expected one of"
     message = "config error: " + problem
     with pytest.raises(ConfigError, match=problem):
-        check_precision("fp16")
-    with pytest.raises(ConfigError, match=problem), inference_precision("cpu", "fp16"):
-        pass
+        InferenceSettings(precision="fp16")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "inference.precision=fp16"])
-    with pytest.raises(SystemExit, match="config error: model." + problem):
+    with pytest.raises(ConfigError, match="model." + problem):
         instantiate_checked(cfg.model, "model")
     result = run_python(  # evaluate stops before it reads data or weights
         "-m",
@@ -208,7 +203,7 @@ def test_bf16_mixed_training_on_the_cpu(tmp_path, monkeypatch):
 
     def recording_forward(self, outputs, targets):
         losses = criterion_forward(self, outputs, targets)
-        seen.append((outputs["batch"]["masks"].dtype, losses["loss"].dtype))
+        seen.append((outputs.batch.masks.dtype, losses["loss"].dtype))
         return losses
 
     monkeypatch.setattr(CropFormerCriterion, "forward", recording_forward)
@@ -231,15 +226,14 @@ def test_criterion_computes_float32_losses_from_bf16_outputs(datamodule):
     criterion = CropFormerCriterion(num_points=256)
     with torch.no_grad():
         outputs = tiny_net().train()(batch["images"])
+
+    def bf16(out: DecoderOutput) -> DecoderOutput:
+        return DecoderOutput(
+            out.logits.bfloat16(), out.masks.bfloat16(), [bf16(a) for a in out.aux]
+        )
+
+    half = CropFormerOutput(bf16(outputs.image), bf16(outputs.batch))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = {
-            key: {
-                "logits": out["logits"].bfloat16(),
-                "masks": out["masks"].bfloat16(),
-                "aux": [{k: v.bfloat16() for k, v in a.items()} for a in out["aux"]],
-            }
-            for key, out in outputs.items()
-        }
         torch.manual_seed(0)
         losses = criterion(half, batch["targets"])
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from entityseg.config import ConfigError
 from entityseg.data.crops import STRIDE_RATIO, crop_boxes
 from entityseg.interop.release import load_release_config, net_config_from_release
 from entityseg.lit_module import CropFormerModule
-from entityseg.train import apply_global_batch_size, check_release_init, train
+from entityseg.training import apply_global_batch_size, check_release_init, train
 
 REFERENCE = SHARED_DATA / "official_reference"
 
@@ -431,10 +431,10 @@ def test_global_batch_holds_on_any_dividing_device_count(experiment, devices, no
 
 def test_global_batch_that_does_not_divide_stops_with_one_line():
     cfg = compose_train("experiment=cropformer_swinl", "trainer.devices=3")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ConfigError) as info:
         apply_global_batch_size(cfg, 3)
     message = str(info.value)
-    assert message.startswith("config error: data.global_batch_size=8: not divisible")
+    assert message.startswith("data.global_batch_size=8: not divisible")
     assert "world size 3" in message and "\n" not in message
 
 
@@ -449,10 +449,10 @@ def test_null_global_batch_keeps_the_batch_size():
 @pytest.mark.parametrize("experiment", sorted(RELEASE_WEIGHTS))
 def test_release_experiment_without_init_from_stops_at_once(experiment):
     cfg = compose_train(f"experiment={experiment}")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ConfigError) as info:
         train(cfg)  # stops before anything is built (no data, no GPU needed)
     message = str(info.value)
-    assert message.startswith("config error: model.init_from=None: ") and "\n" not in message
+    assert message.startswith("model.init_from=None: ") and "\n" not in message
     weights = RELEASE_WEIGHTS[experiment]
     assert f"python -m entityseg.convert_release {weights} " in message
     assert cfg.init_from_release.config in message

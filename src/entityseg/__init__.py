@@ -1,8 +1,9 @@
 """entityseg: CropFormer fine-grained entity segmentation (Lightning + Hydra).
 
 ``from entityseg import EntitySegmenter``: entity masks of any image from a checkpoint
-(:mod:`entityseg.api`), returned as :class:`Entities`. They are imported on first use, so that
-``import entityseg.<module>`` (a data tool, the AP^e scorer) does not load the network code.
+(:mod:`entityseg.api`), returned as :class:`Entities`, run as :class:`InferenceSettings` say.
+They are imported on first use, so that ``import entityseg.<module>`` (a data tool, the AP^e
+scorer) does not load the network code.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from entityseg.api import EntitySegmenter
     from entityseg.inference.fusion import Entities
+    from entityseg.inference.settings import InferenceSettings
     from entityseg.models.checkpoint import CheckpointError
 
-__all__ = ["CheckpointError", "Entities", "EntitySegmenter"]
+__all__ = ["CheckpointError", "Entities", "EntitySegmenter", "InferenceSettings"]
 __version__ = "0.1.0"
 
 _PUBLIC = {
     "EntitySegmenter": "entityseg.api",
     "Entities": "entityseg.inference.fusion",
+    "InferenceSettings": "entityseg.inference.settings",
     "CheckpointError": "entityseg.models.checkpoint",
 }
 

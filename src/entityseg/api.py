@@ -17,13 +17,14 @@ A checkpoint says how to run it, so nothing else needs to be said:
     converted release checkpoint's ``TEST_VIEWS_KEY`` (the release config's test settings);
   * ``compat``: ``release`` for a converted release checkpoint (its entities, bit for bit),
     else the compat the training run validated with (``entityseg`` by default).
-Keyword overrides change any of it; a checkpoint that stores no views (written before they were
-stored) needs ``views=``.
+Keyword overrides change any of it: the fields of
+:class:`~entityseg.inference.settings.InferenceSettings` and the test-view keys of
+:attr:`ViewConfig.TEST_KEYS <entityseg.data.views.ViewConfig.TEST_KEYS>`; a checkpoint that
+stores no views (written before they were stored) needs ``views=``.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -32,23 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from entityseg.config import ConfigError
+from entityseg.config import ConfigError, command_line_keys, instantiate_checked
 from entityseg.data.coco_entity import ImageInput, rgb_image
-from entityseg.data.datamodule import (
-    TEST_VIEW_KEYS,
-    check_test_view_keys,
-    test_view_config,
-    view_config_keys,
-    view_keys,
-)
 from entityseg.data.views import ViewConfig, collate_views, prediction_views
-from entityseg.inference.cuda_graphs import check_cuda_graphs, graphed
-from entityseg.inference.fusion import Entities, check_compat, check_mode
-from entityseg.inference.runner import ModeResults, check_precision, resolve_view_chunk, run_modes
-from entityseg.interop.release import release_data_overrides
+from entityseg.inference.cuda_graphs import graphed
+from entityseg.inference.fusion import Entities
+from entityseg.inference.runner import ModeResults, run_modes
+from entityseg.inference.settings import InferenceSettings, check_mode
+from entityseg.interop.release import release_sized, release_view_keys
 from entityseg.models.checkpoint import (
+    INFERENCE_KEY,
     NET_CONFIG_KEY,
     TEST_VIEWS_KEY,
     VIEWS_KEY,
@@ -59,69 +56,9 @@ from entityseg.models.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-#: Settings of ``conf/inference/default.yaml`` that :meth:`EntitySegmenter.from_checkpoint`
-#: takes as keywords, besides ``mode``, ``device`` and ``precision``.
-INFERENCE_KEYS = (
-    "max_entities",
-    "overlapping",
-    "query_chunk",
-    "compat",
-    "view_chunk",
-    "cuda_graphs",
-    "score_threshold",
-)
-
 #: Test views as :meth:`EntitySegmenter.from_checkpoint` takes them: a ``ViewConfig`` or the
-#: ``data`` config's test keys (``TEST_VIEW_KEYS``; missing ones take the release's recipe).
+#: ``data`` config's test keys (``ViewConfig.TEST_KEYS``; missing ones take the release's recipe).
 Views = ViewConfig | Mapping[str, Any]
-
-
-def pick_device(name: str | torch.device) -> torch.device:
-    """``auto``: CUDA when present, else CPU; anything else as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError("inference.device", name, f"not a device ({err})") from None
-
-
-def check_inference_settings(
-    max_entities: int,
-    overlapping: bool,
-    query_chunk: int,
-    compat: str,
-    view_chunk: int | str | None,
-    cuda_graphs: bool,
-    score_threshold: float = 0.0,
-) -> None:
-    """Raise :class:`ConfigError` naming the ``inference.*`` key of a value that cannot work."""
-    if not _integer(max_entities) or max_entities < 0:
-        raise ConfigError("inference.max_entities", max_entities, "must be an integer >= 0")
-    if not isinstance(overlapping, bool):
-        raise ConfigError("inference.overlapping", overlapping, "must be true or false")
-    if not _integer(query_chunk) or query_chunk < 1:
-        raise ConfigError("inference.query_chunk", query_chunk, "must be an integer >= 1")
-    try:
-        check_compat(compat, overlapping)
-    except ValueError as err:
-        raise ConfigError("inference.compat", compat, str(err)) from None
-    resolve_view_chunk(view_chunk, "cpu")
-    check_cuda_graphs(cuda_graphs)
-    number = isinstance(score_threshold, int | float) and not isinstance(score_threshold, bool)
-    if not (number and 0 <= score_threshold <= 1):
-        raise ConfigError("inference.score_threshold", score_threshold, "must be in [0, 1]")
-
-
-def check_modes(modes: Iterable[str]) -> list[str]:
-    """The modes as a list; :class:`ConfigError` on one that is not one of Table 7's four."""
-    modes = list(modes)
-    for mode in modes:
-        try:
-            check_mode(mode)
-        except ValueError as err:
-            raise ConfigError("inference.mode", mode, str(err)) from None
-    return modes
 
 
 class EntitySegmenter:
@@ -129,57 +66,37 @@ class EntitySegmenter:
     out.
 
     Usually made by :meth:`from_checkpoint`. ``views``: the test-time views
-    (:class:`~entityseg.data.views.ViewConfig`); ``mode``: the Table 7 mode of ``__call__``
-    (a Mask2Former network, without the batch decoder, predicts with ``image_o``, saying so
-    once in the log); ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...;
-    ``precision``: ``fp32`` or ``bf16`` (autocast). The keywords are
-    ``conf/inference/default.yaml``'s (``score_threshold``: entities scoring less are dropped
-    after fusion; 0 keeps every one, as AP^e needs). A bad value raises
-    :class:`~entityseg.config.ConfigError` naming the config key (``inference.compat='x': ...``).
+    (:class:`~entityseg.data.views.ViewConfig`); ``settings``: how to run the network and fuse
+    its outputs (:class:`~entityseg.inference.settings.InferenceSettings`, the
+    ``conf/inference`` keys), with keyword ``changes`` on top, e.g. ``device="cpu"``. A
+    Mask2Former network, without the batch decoder, predicts with ``image_o``, saying so once
+    in the log. ``settings.compat`` left to the checkpoint (None) is ``entityseg`` here.
     """
 
     def __init__(
         self,
         net: nn.Module,
         views: ViewConfig,
-        mode: str = "batch_oc",
-        device: str | torch.device = "auto",
-        precision: str = "fp32",
-        *,
-        max_entities: int = 100,
-        overlapping: bool = False,
-        query_chunk: int = 16,
-        compat: str = "entityseg",
-        view_chunk: int | str | None = "auto",
-        cuda_graphs: bool = False,
-        score_threshold: float = 0.0,
+        settings: InferenceSettings | None = None,
+        **changes: Any,
     ) -> None:
-        check_precision(precision)
-        check_inference_settings(
-            max_entities, overlapping, query_chunk, compat, view_chunk, cuda_graphs, score_threshold
-        )
-        _check_views(view_config_keys(views))
-        self.device = pick_device(device)
-        self.net = net.to(self.device).eval()
+        settings = settings or InferenceSettings()
+        if changes:
+            settings = settings.replace(**changes)
+        if settings.compat is None:
+            settings = settings.replace(compat=settings.fusion_compat)
         self.views = views
-        self.precision = precision
-        self.max_entities = max_entities
-        self.overlapping = overlapping
-        self.query_chunk = query_chunk
-        self.compat = compat
-        self.view_chunk = view_chunk
-        self.cuda_graphs = cuda_graphs
-        self.score_threshold = score_threshold
-        self.mode = self.usable_modes(check_modes([mode]))[0]
-        self._forward = graphed(self.net, cuda_graphs, self.device)  # one graph cache
+        self.device = settings.torch_device()
+        self.net = net.to(self.device).eval()
+        (mode,) = self.usable_modes([settings.mode])
+        self.settings = settings if mode == settings.mode else settings.replace(mode=mode)
+        self._forward = graphed(self.net, settings.cuda_graphs, self.device)  # one graph cache
 
     @classmethod
     def from_checkpoint(
         cls,
         path: str | Path,
-        mode: str = "batch_oc",
-        device: str | torch.device = "auto",
-        precision: str = "fp32",
+        settings: InferenceSettings | None = None,
         *,
         views: Views | None = None,
         default_views: Views | None = None,
@@ -190,20 +107,26 @@ class EntitySegmenter:
         """The segmenter of a training checkpoint or a converted release checkpoint, run as the
         checkpoint says (see the module docstring).
 
-        ``overrides``: the inference settings of :data:`INFERENCE_KEYS` and the test-view keys
-        of ``TEST_VIEW_KEYS`` (e.g. ``test_crop_layout="fixed8"``, ``crop_delta=0.6``), applied
-        on top of the checkpoint's views. ``compat="release"`` sizes each crop view by its own
-        shortest edge, as the release does, unless ``test_crop_resize`` is overridden.
-        ``views`` replaces the checkpoint's views; ``default_views`` serves only when the
-        checkpoint stores none (the CLIs pass the ``data`` config's); ``network`` builds the
-        network when the checkpoint stores no configuration (older files: the CLIs pass the
-        ``model.net`` config). ``compile``: ``torch.compile`` the backbone and pixel decoder.
+        ``settings``: the inference settings (default: ``conf/inference``'s); ``overrides``:
+        keywords on top, any field of :class:`InferenceSettings` (``mode="image_o"``,
+        ``device="cpu"``, ``max_entities=50``) or test-view key of ``ViewConfig.TEST_KEYS``
+        (``test_crop_layout="fixed8"``, ``crop_delta=0.6``), applied on top of the
+        checkpoint's views. ``compat="release"`` sizes the crop views as the release does
+        (:func:`~entityseg.interop.release.release_sized`) unless ``test_crop_resize`` is
+        given. ``views`` replaces the checkpoint's views; ``default_views`` serves only when
+        the checkpoint stores none (the CLIs pass the ``data`` config's); ``network`` builds
+        the network when the checkpoint stores no configuration (older files: the CLIs pass
+        the ``model.net`` config). ``compile``: ``torch.compile`` the backbone and pixel
+        decoder.
 
         Raises ``FileNotFoundError`` for a missing file, :class:`CheckpointError` (one line)
         for a file that is not an entityseg checkpoint, stores no views, or does not fit its
         network, and :class:`ConfigError` for an unknown keyword or a bad value.
         """
-        _check_keywords(overrides)
+        changes, view_changes = _split_overrides(overrides)
+        settings = settings or InferenceSettings()
+        if changes:
+            settings = settings.replace(**changes)  # a bad value: before the file is read
         checkpoint = read_checkpoint(path)
         if checkpoint.get(NET_CONFIG_KEY) is None and network is None:
             raise CheckpointError(
@@ -211,42 +134,35 @@ class EntitySegmenter:
                 f"{NET_CONFIG_KEY!r}): use one written by entityseg.train, or convert a release "
                 "file with python -m entityseg.convert_release"
             )
-        settings = {k: overrides[k] for k in INFERENCE_KEYS if k in overrides}
-        settings["compat"] = settings.get("compat") or stored_compat(checkpoint)
-        check_modes([mode])
-        check_precision(precision)
-        check_inference_settings(**{**_DEFAULT_SETTINGS, **settings})
+        if settings.compat is None:
+            settings = settings.replace(compat=stored_compat(checkpoint))
         keys = _resolve_view_keys(path, checkpoint, views, default_views)
-        if settings["compat"] == "release":
-            keys["test_crop_resize"] = "own"  # the release's test views
-        keys.update({k: overrides[k] for k in TEST_VIEW_KEYS if k in overrides})
-        _check_views(keys)
+        test_views = ViewConfig.from_keys({**keys, **view_changes})
+        if settings.compat == "release" and "test_crop_resize" not in view_changes:
+            test_views = release_sized(test_views)
         net = build_network(path, network, checkpoint)
         if compile:
             net.compile_parts()
-        views = test_view_config(**keys)
-        log.info("%s: compat=%s, test views %s", path, settings["compat"], views)
-        return cls(net, views, mode, device, precision, **settings)
+        log.info("%s: compat=%s, test views %s", path, settings.compat, test_views)
+        return cls(net, test_views, settings)
 
     @classmethod
     def from_onnx(
-        cls, path: str | Path, mode: str | None = None, threads: int | None = None, **overrides: Any
+        cls, path: str | Path, *, threads: int | None = None, **overrides: Any
     ) -> EntitySegmenter:
         """The segmenter of an ONNX file of ``python -m entityseg.export``, run by onnxruntime
         on the CPU through the same views and fusion as the PyTorch network.
 
         The file says how to run it (its test views, mode and compat, written at export);
-        ``mode`` and ``overrides`` (as :meth:`from_checkpoint`'s) change it. ``threads``:
-        onnxruntime's threads (None: all cores).
+        ``overrides`` (as :meth:`from_checkpoint`'s, ``mode=`` included) change it.
+        ``threads``: onnxruntime's threads (None: all cores).
         """
         from entityseg.inference.exported import OnnxNetwork
 
-        return cls._from_exported(OnnxNetwork(path, threads), mode, overrides)
+        return cls._from_exported(OnnxNetwork(path, threads), overrides)
 
     @classmethod
-    def from_torch_export(
-        cls, path: str | Path, mode: str | None = None, **overrides: Any
-    ) -> EntitySegmenter:
+    def from_torch_export(cls, path: str | Path, **overrides: Any) -> EntitySegmenter:
         """The segmenter of a ``.pt2`` of ``python -m entityseg.export format=torch_export``,
         as :meth:`from_onnx` (the program runs in PyTorch on the CPU).
 
@@ -257,19 +173,15 @@ class EntitySegmenter:
         """
         from entityseg.inference.exported import ExportedNetwork
 
-        return cls._from_exported(ExportedNetwork(path), mode, overrides)
+        return cls._from_exported(ExportedNetwork(path), overrides)
 
     @classmethod
-    def _from_exported(cls, net, mode: str | None, overrides: Mapping[str, Any]) -> EntitySegmenter:
-        _check_keywords(overrides)
-        settings = {k: overrides[k] for k in INFERENCE_KEYS if k in overrides}
-        settings["compat"] = settings.get("compat") or net.compat
-        keys = {
-            **view_config_keys(net.views),
-            **{k: overrides[k] for k in TEST_VIEW_KEYS if k in overrides},
-        }
-        _check_views(keys)
-        return cls(net, test_view_config(**keys), mode or net.mode, "cpu", "fp32", **settings)
+    def _from_exported(cls, net, overrides: Mapping[str, Any]) -> EntitySegmenter:
+        changes, view_changes = _split_overrides(overrides)
+        settings = InferenceSettings(mode=net.mode, compat=net.compat, device="cpu")
+        settings = settings.replace(**changes)
+        views = ViewConfig.from_keys({**net.views.to_keys(), **view_changes})
+        return cls(net, views, settings)
 
     @torch.inference_mode()
     def __call__(
@@ -281,7 +193,7 @@ class EntitySegmenter:
         orientation, palette, alpha, greyscale, 16-bit) or an RGB uint8 array [H, W, 3].
         Images go through the network one at a time, so a list may mix sizes and an image's
         entities do not depend on the others. ``mode``: another Table 7 mode than
-        ``self.mode``. An unreadable file raises ``EntityDataError`` naming it.
+        ``settings.mode``. An unreadable file raises ``EntityDataError`` naming it.
         """
         single = not isinstance(images, list | tuple)
         entities = [self.segment(rgb_image(x), mode) for x in ([images] if single else images)]
@@ -289,7 +201,7 @@ class EntitySegmenter:
 
     def segment(self, image: np.ndarray, mode: str | None = None) -> Entities:
         """The entities of one RGB uint8 image [H, W, 3] (a checked array: ``__call__``)."""
-        (mode,) = self.usable_modes([mode or self.mode])
+        (mode,) = self.usable_modes([mode or self.settings.mode])
         return self.segment_modes(image, [mode])[mode]
 
     def segment_modes(self, image: np.ndarray, modes: Sequence[str]) -> dict[str, Entities]:
@@ -310,48 +222,39 @@ class EntitySegmenter:
     ) -> dict[str, ModeResults]:
         """Entities per mode of every image of collated test batches (a data loader of
         ``EntityDataModule``, whose views should be :attr:`views`), keyed by image id, and
-        forward times: what ``runner.run_modes`` returns, with these settings.
-        ``modes``: default ``[self.mode]``."""
-        modes = self.usable_modes(check_modes(modes or [self.mode]))
+        forward times: what ``runner.run_modes`` returns, with these settings; entities
+        scoring under ``settings.score_threshold`` are dropped. ``modes``: default
+        ``[settings.mode]``."""
+        for mode in modes or ():
+            check_mode(mode)
+        modes = self.usable_modes(modes or [self.settings.mode])
         results = run_modes(
             self._forward,
             batches,
             modes,
             self.device,
-            self.max_entities,
-            self.overlapping,
-            self.query_chunk,
+            self.settings,
             description=description,
             show_progress=show_progress,
-            precision=self.precision,
-            compat=self.compat,
-            view_chunk=self.view_chunk,
         )
-        if self.score_threshold > 0:
+        if self.settings.score_threshold > 0:
             for result in results.values():
                 result.entities = {
-                    image_id: entities.scoring_at_least(self.score_threshold)
+                    image_id: entities.scoring_at_least(self.settings.score_threshold)
                     for image_id, entities in result.entities.items()
                 }
         return results
 
-    def replace(self, mode: str | None = None, **overrides: Any) -> EntitySegmenter:
+    def replace(self, **overrides: Any) -> EntitySegmenter:
         """This segmenter with other settings, sharing its network (nothing is loaded again):
         ``overrides`` as :meth:`from_checkpoint`'s, e.g. ``replace(test_crop_layout="fixed8",
         crop_delta=0.6, overlapping=True)``."""
-        _check_keywords(overrides)
-        settings = {key: getattr(self, key) for key in INFERENCE_KEYS}
-        settings.update({k: overrides[k] for k in INFERENCE_KEYS if k in overrides})
-        keys = {**self.view_keys, **{k: overrides[k] for k in TEST_VIEW_KEYS if k in overrides}}
-        _check_views(keys)
-        return EntitySegmenter(
-            self.net,
-            test_view_config(**keys),
-            mode or self.mode,
-            self.device,
-            self.precision,
-            **settings,
-        )
+        changes, view_changes = _split_overrides(overrides)
+        settings = self.settings.replace(**changes)
+        views = self.views
+        if view_changes:
+            views = ViewConfig.from_keys({**views.to_keys(), **view_changes})
+        return EntitySegmenter(self.net, views, settings)
 
     def usable_modes(self, modes: Sequence[str]) -> list[str]:
         """``modes`` without those the network cannot run: a Mask2Former network (no batch
@@ -365,18 +268,12 @@ class EntitySegmenter:
         )
         return ["image_o"]
 
-    @property
-    def view_keys(self) -> dict:
-        """The ``data`` keys that make :attr:`views` (``size_scale`` 1): build a data module
-        with the same test views by passing them to ``EntityDataModule``."""
-        return view_config_keys(self.views)
-
-    def settings(self) -> dict:
+    def settings_record(self) -> dict:
         """What makes this segmenter's entities differ from another's (json values): mode,
         fusion and precision settings and every view setting."""
         return {
             **{
-                f"inference.{key}": getattr(self, key)
+                f"inference.{key}": getattr(self.settings, key)
                 for key in (
                     "mode",
                     "max_entities",
@@ -390,34 +287,59 @@ class EntitySegmenter:
         }
 
 
+def segmenter_from_config(
+    cfg: DictConfig, settings: InferenceSettings | None = None
+) -> EntitySegmenter:
+    """The segmenter of ``cfg.ckpt_path`` with the ``inference`` settings of ``cfg``: what
+    ``evaluate``, ``predict``, ``export`` and the app run.
+
+    Test views: the checkpoint's, with the ``data.*`` test keys that the command line sets on
+    top (:func:`~entityseg.config.command_line_keys`; an experiment's or a data config's
+    values do not count); a checkpoint that stores none takes the ``data`` config's, and one
+    that stores no network configuration is loaded into ``model.net``. ``inference.compat:
+    null`` is the checkpoint's (``release`` for a converted release checkpoint). A file that
+    is missing or not a checkpoint raises :class:`CheckpointError` naming ``ckpt_path``.
+    ``settings``: ``cfg.inference`` as the caller read it already (None: read here).
+    """
+    settings = settings or InferenceSettings.from_config(cfg.inference)
+    data_keys = {key: cfg.data[key] for key in ViewConfig.TEST_KEYS if key in cfg.data}
+    given = command_line_keys("data") & set(ViewConfig.TEST_KEYS)
+    try:
+        return EntitySegmenter.from_checkpoint(
+            cfg.ckpt_path,
+            settings,
+            default_views=data_keys,
+            network=lambda: instantiate_checked(cfg.model.net, "model.net"),
+            compile=cfg.model.compile,
+            **{key: data_keys[key] for key in sorted(given)},
+        )
+    except (FileNotFoundError, CheckpointError) as err:
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: {err}") from None
+
+
 def stored_compat(checkpoint: Mapping) -> str:
     """The checkpoint's compat: ``release`` for a converted release checkpoint, else the one
     its training run validated with (``entityseg`` when it says none)."""
     if checkpoint.get(TEST_VIEWS_KEY) is not None:
         return "release"
-    inference = (checkpoint.get("hyper_parameters") or {}).get("inference") or {}
+    inference = checkpoint.get(INFERENCE_KEY)
+    if inference is None:  # written before checkpoints stored the settings
+        inference = (checkpoint.get("hyper_parameters") or {}).get("inference") or {}
     return inference.get("compat") or "entityseg"
 
 
 def stored_view_keys(checkpoint: Mapping) -> dict | None:
-    """The test-view keys a checkpoint stores (``TEST_VIEW_KEYS``), or None.
+    """The test-view keys a checkpoint stores (``ViewConfig.TEST_KEYS``), or None.
 
     A converted release checkpoint's are the release's sizes, crops and normalisation; its
-    crop sizing (``test_crop_resize``) is left to ``compat`` (``own`` under ``release``).
+    crop sizing is left to ``compat`` (:func:`~entityseg.interop.release.release_sized`).
     """
     if checkpoint.get(VIEWS_KEY) is not None:
-        return view_keys(checkpoint[VIEWS_KEY])
+        stored = checkpoint[VIEWS_KEY]
+        return {key: stored[key] for key in ViewConfig.TEST_KEYS if key in stored}
     if checkpoint.get(TEST_VIEWS_KEY) is not None:
-        return {**release_data_overrides(checkpoint[TEST_VIEWS_KEY]), "test_crop_resize": "same"}
+        return release_view_keys(checkpoint[TEST_VIEWS_KEY])
     return None
-
-
-#: The :data:`INFERENCE_KEYS` defaults of :class:`EntitySegmenter`, read from its signature.
-_DEFAULT_SETTINGS = {
-    key: parameter.default
-    for key, parameter in inspect.signature(EntitySegmenter.__init__).parameters.items()
-    if key in INFERENCE_KEYS
-}
 
 
 def _resolve_view_keys(
@@ -441,31 +363,22 @@ def _resolve_view_keys(
 
 def _as_view_keys(views: Views) -> dict:
     if isinstance(views, ViewConfig):
-        return view_config_keys(views)
+        return views.to_keys()
     if isinstance(views, Mapping):
-        unknown = sorted(set(views) - set(TEST_VIEW_KEYS))
-        if unknown:
-            raise ConfigError(
-                "views", dict(views), f"unknown key {unknown[0]!r}; expected {TEST_VIEW_KEYS}"
-            )
-        return view_keys(views)
+        ViewConfig.from_keys(views)  # an unknown key or a bad value: at once, named
+        return dict(views)
     raise ConfigError("views", views, "must be a ViewConfig or a dict of test-view keys")
 
 
-def _check_keywords(overrides: Mapping[str, Any]) -> None:
-    known = (*INFERENCE_KEYS, *TEST_VIEW_KEYS)
+def _split_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Keyword overrides as (inference settings, test-view keys); an unknown one raises."""
+    settings, views = {}, {}
     for key, value in overrides.items():
-        if key not in known:
-            raise ConfigError(key, value, f"unknown setting; expected one of {list(known)}")
-
-
-def _check_views(keys: Mapping) -> None:
-    """:func:`check_test_view_keys`, its error naming the ``data.*`` key."""
-    try:
-        check_test_view_keys(keys)
-    except ConfigError as err:
-        raise ConfigError(f"data.{err.key}", err.value, err.problem) from None
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        if key in InferenceSettings.names():
+            settings[key] = value
+        elif key in ViewConfig.TEST_KEYS:
+            views[key] = value
+        else:
+            known = [*InferenceSettings.names(), *ViewConfig.TEST_KEYS]
+            raise ConfigError(key, value, f"unknown setting; expected one of {known}")
+    return settings, views

@@ -21,7 +21,13 @@ from omegaconf import DictConfig
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A problem a user can fix (a file, a folder, a value), told in one line: the command
+    lines print it and exit with code 1, without a traceback (:func:`exits_on_config_error`).
+    The library raises it; only the entry points exit."""
+
+
+class ConfigError(UserError):
     """A config value that cannot work, raised by constructors with the argument's name."""
 
     def __init__(self, key: str, value: Any, problem: str) -> None:
@@ -30,7 +36,8 @@ class ConfigError(ValueError):
 
 
 def instantiate_checked(node: DictConfig, node_key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that turns a :class:`ConfigError` into a one-line exit.
+    """``hydra.utils.instantiate`` that raises the constructor's :class:`ConfigError` as it is,
+    under its full key, instead of Hydra's wrapped exception.
 
     ``node_key`` is where the node sits in the run's config (``data``, ``model``), so the
     message names the full key a user would override, e.g. ``data.crop_delta=1.5``.
@@ -40,9 +47,7 @@ def instantiate_checked(node: DictConfig, node_key: str, **kwargs: Any) -> Any:
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, ConfigError):
-            raise SystemExit(
-                f"config error: {node_key}.{cause.key}={cause.value!r}: {cause.problem}"
-            ) from None
+            raise ConfigError(f"{node_key}.{cause.key}", cause.value, cause.problem) from None
         raise
 
 
@@ -64,7 +69,8 @@ _Entry = TypeVar("_Entry", bound=Callable[..., Any])
 
 def exits_on_config_error(entry: _Entry) -> _Entry:
     """A CLI entry point whose :class:`ConfigError` becomes ``config error: <key>=<value>: ...``
-    on one line and a non-zero exit, instead of a traceback.
+    on one line and a non-zero exit, instead of a traceback, and whose other
+    :class:`UserError` (a checkpoint, a photo, an output folder) becomes its one line.
 
     Goes under ``@hydra.main`` (Hydra reports exceptions itself), with
     ``config_path=CONFIG_DIR``.
@@ -76,5 +82,7 @@ def exits_on_config_error(entry: _Entry) -> _Entry:
             return entry(*args, **kwargs)
         except ConfigError as err:
             raise SystemExit(f"config error: {err}") from None
+        except UserError as err:
+            raise SystemExit(str(err)) from None
 
     return wrapper  # type: ignore[return-value]

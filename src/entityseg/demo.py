@@ -16,25 +16,26 @@ import lightning as L
 from omegaconf import DictConfig
 from PIL import Image
 
-from entityseg.api import INFERENCE_KEYS, EntitySegmenter
+from entityseg.api import EntitySegmenter
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.coco_entity import read_rgb_image
-from entityseg.evaluate import markdown_table, table_rows
 from entityseg.evaluation.entity_ap import metrics_json
-from entityseg.train import train
+from entityseg.evaluation.table7 import markdown_table, table_rows
+from entityseg.inference.settings import InferenceSettings
+from entityseg.training import train
 from entityseg.viz import compare_modes
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_net(
-    segmenter: EntitySegmenter, datamodule, cfg: DictConfig, out_dir: Path, name: str
+    segmenter: EntitySegmenter, datamodule, out_dir: Path, name: str
 ) -> tuple[list, dict]:
     """Table 7 rows of ``segmenter`` on the validation set, predictions written to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = segmenter.run(
         datamodule.val_dataloader(),
-        list(cfg.inference.modes),
+        segmenter.settings.modes,
         description=f"evaluating the {name} model",
     )
     rows = table_rows(results, datamodule.hparams.val_json, out_dir)
@@ -58,22 +59,16 @@ def save_pictures(results, datamodule, out_dir: Path) -> None:
 def main(cfg: DictConfig) -> None:
     metrics, best = train(cfg)
     out = Path(cfg.paths.output_dir)
-    settings = {key: cfg.inference[key] for key in INFERENCE_KEYS}
-    trained = EntitySegmenter.from_checkpoint(
-        best, device="cpu", precision=cfg.inference.precision, **settings
-    )
+    settings = InferenceSettings.from_config(cfg.inference, device="cpu")
+    trained = EntitySegmenter.from_checkpoint(best, settings)
     L.seed_everything(cfg.seed)
     untrained = EntitySegmenter(  # the same initialisation, run the same way
-        instantiate_checked(cfg.model.net, "model.net"),
-        trained.views,
-        device="cpu",
-        precision=trained.precision,
-        **{**settings, "compat": trained.compat},
+        instantiate_checked(cfg.model.net, "model.net"), trained.views, trained.settings
     )
-    datamodule = instantiate_checked(cfg.data, "data", **trained.view_keys)
+    datamodule = instantiate_checked(cfg.data, "data", **trained.views.to_keys())
     datamodule.setup("validate")
-    trained_rows, results = evaluate_net(trained, datamodule, cfg, out / "trained", "trained")
-    untrained_rows, _ = evaluate_net(untrained, datamodule, cfg, out / "untrained", "untrained")
+    trained_rows, results = evaluate_net(trained, datamodule, out / "trained", "trained")
+    untrained_rows, _ = evaluate_net(untrained, datamodule, out / "untrained", "untrained")
     save_pictures(results, datamodule, out / "pictures")
 
     print(f"\nTrained ({Path(best).name}), validation set:\n{markdown_table(trained_rows)}")

@@ -28,9 +28,9 @@ import torch.fx.experimental._config as fx_config
 from omegaconf import DictConfig
 from torch import nn
 
+from entityseg.api import segmenter_from_config
 from entityseg.config import CONFIG_DIR, ConfigError, exits_on_config_error
 from entityseg.data.views import SIZE_DIVISIBILITY, ViewConfig
-from entityseg.evaluate import segmenter_from_config
 from entityseg.inference.exported import (
     BATCH_OUTPUTS,
     EXPORT_MODES,
@@ -65,7 +65,8 @@ class ViewsNetwork(nn.Module):
 
     Returns ``image_logits [V, Q, 2]``, ``image_masks [V, Q, H/4, W/4]`` and, with
     ``batch_level``, ``batch_logits [V, Q, 2]``, ``batch_masks [V, Q, H/4, W/4]``: the final
-    predictions of ``CropFormer.forward`` for a batch of one image.
+    predictions of ``CropFormer.forward`` for a batch of one image, in the order of
+    ``CropFormerOutput.to_tuple`` (:data:`IMAGE_OUTPUTS`, then :data:`BATCH_OUTPUTS`).
     """
 
     def __init__(self, net: nn.Module, batch_level: bool) -> None:
@@ -75,12 +76,7 @@ class ViewsNetwork(nn.Module):
 
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.net(views[None], batch_level=self.batch_level)
-        image = outputs["image"]
-        result = (image["logits"][0], image["masks"][0])
-        if self.batch_level:
-            batch = outputs["batch"]
-            result += (batch["logits"][0], batch["masks"][0])
-        return result
+        return tuple(tensor[0] for tensor in outputs.to_tuple())
 
 
 def check_onnx_exportable(net: nn.Module) -> None:
@@ -256,10 +252,10 @@ def largest_difference(
         expected = net(images, batch_level=batch_level)
     actual = exported(images, batch_level=batch_level)
     return {
-        f"{level}_{key}": float((actual[level][key] - expected[level][key]).abs().max())
-        for level in ("image", "batch")
-        if actual[level] is not None
-        for key in ("logits", "masks")
+        name: float((ours - theirs).abs().max())
+        for name, ours, theirs in zip(
+            IMAGE_OUTPUTS + BATCH_OUTPUTS, actual.to_tuple(), expected.to_tuple(), strict=False
+        )
     }
 
 
@@ -273,7 +269,7 @@ def checkpoint_network(cfg: DictConfig) -> tuple[nn.Module, ViewConfig, str]:
     cfg.inference.device = "cpu"
     cfg.model.compile = False  # the export traces the plain modules
     segmenter = segmenter_from_config(cfg)
-    return segmenter.net.cpu().eval(), segmenter.views, segmenter.compat
+    return segmenter.net.cpu().eval(), segmenter.views, segmenter.settings.compat
 
 
 def output_path(cfg: DictConfig) -> Path:

@@ -22,11 +22,13 @@ from PIL import Image
 from torch import nn
 
 from entityseg.config import ConfigError
-from entityseg.data.datamodule import EntityDataModule, view_keys
+from entityseg.data.datamodule import EntityDataModule
 from entityseg.data.transforms import denormalize
+from entityseg.data.views import ViewConfig
 from entityseg.evaluation.entity_ap import EntityAP
-from entityseg.inference.runner import check_precision, infer_batch, resolve_view_chunk
-from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY, load_weights
+from entityseg.inference.runner import infer_batch
+from entityseg.inference.settings import InferenceSettings
+from entityseg.models.checkpoint import INFERENCE_KEY, NET_CONFIG_KEY, VIEWS_KEY, load_weights
 from entityseg.viz import compare_modes, image_grid
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,11 @@ class CropFormerModule(L.LightningModule):
             ``embedding_weight_decay``, ``decayed_norms`` (AdamW groups as released: see
             :func:`parameter_groups`).
         scheduler: ``power`` of the poly schedule over ``trainer.max_steps`` (no warm-up).
-        inference: ``modes``, ``max_entities``, ``overlapping``, ``query_chunk``, ``precision``
-            (``fp32`` | ``bf16``: the network's precision in validation and test, whatever
-            ``trainer.precision`` is), ``compat``, ``view_chunk``: validation and test infer
-            exactly as ``evaluate`` does (:func:`~entityseg.inference.runner.infer_batch`).
+        inference: the ``conf/inference`` keys, read once into
+            :class:`~entityseg.inference.settings.InferenceSettings` (:attr:`settings`):
+            validation and test infer exactly as ``evaluate`` does
+            (:func:`~entityseg.inference.runner.infer_batch`), in ``inference.precision``
+            whatever ``trainer.precision`` is, and score ``inference.modes``.
         log_images_every_n_steps: validation steps between TensorBoard pictures (0: never).
         pixel_mean, pixel_std: to draw the normalised views.
         backbone: the ``model/backbone`` config choice; it sits at ``model.backbone`` so that
@@ -94,8 +97,8 @@ class CropFormerModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "criterion", "backbone", "ops"], logger=False)
-        check_precision(inference.get("precision", "fp32"))
-        resolve_view_chunk(inference.get("view_chunk", "auto"), "cpu")  # a bad value: at once
+        #: how validation and test infer; compat left to the checkpoint (null) is ours
+        self.settings = InferenceSettings.from_config(inference)
         self.net = net
         if init_from:
             try:
@@ -106,7 +109,7 @@ class CropFormerModule(L.LightningModule):
         if compile:
             self.net.compile_parts()
         self.criterion = criterion
-        self.modes = list(inference["modes"])
+        self.modes = list(self.settings.modes)
         if not self.net.has_batch_decoder:  # the Mask2Former baseline has Image-O only
             self.modes = [m for m in self.modes if m == "image_o"]
         self.metrics = nn.ModuleDict()
@@ -151,19 +154,7 @@ class CropFormerModule(L.LightningModule):
 
     def _evaluate_step(self, batch: dict, batch_idx: int, split: str) -> None:
         """The inference step of ``evaluate`` (:func:`infer_batch`), with its settings."""
-        settings = self.hparams.inference
-        fused, _ = infer_batch(
-            self.net,
-            batch,
-            self.modes,
-            self.device,
-            settings["max_entities"],
-            settings["overlapping"],
-            settings["query_chunk"],
-            settings.get("precision", "fp32"),
-            settings.get("compat") or "entityseg",  # null (the checkpoint's): ours
-            resolve_view_chunk(settings.get("view_chunk", "auto"), self.device),
-        )
+        fused, _ = infer_batch(self.net, batch, self.modes, self.device, self.settings)
         for mode in self.modes:
             results = [
                 r
@@ -227,7 +218,8 @@ class CropFormerModule(L.LightningModule):
         checkpoint[NET_CONFIG_KEY] = self.net.config
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, EntityDataModule):  # the test views validation used
-            checkpoint[VIEWS_KEY] = view_keys(datamodule.hparams)
+            checkpoint[VIEWS_KEY] = ViewConfig.test_keys_of(datamodule.hparams)
+        checkpoint[INFERENCE_KEY] = self.settings.to_dict()
 
     def configure_optimizers(self):
         opt = self.hparams.optimizer

@@ -108,12 +108,12 @@ def test_every_entry_point_stops_in_one_line_on_a_crafted_checkpoint(crafted, tm
             f"ckpt_path={evil}: {problem}",
         ),
         "train init_from": (
-            lambda cfg: train.train(cfg),
+            train.main,
             cli_config("train", out, f"model.init_from={evil}"),
             f"config error: model.init_from={str(evil)!r}: {problem}",
         ),
         "train resume": (
-            lambda cfg: train.train(cfg),
+            train.main,
             cli_config("train", out, f"ckpt_path={evil}"),
             f"config error: ckpt_path={str(evil)!r}: {problem}",
         ),

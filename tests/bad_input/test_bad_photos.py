@@ -19,7 +19,7 @@ from entityseg import predict as predict_cli
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.data.errors import EntityDataError
 from entityseg.data.views import EntityViewsDataset, ViewConfig
-from entityseg.predict import Recorded, file_identity, is_done, picture_paths
+from entityseg.inference.writing import Recorded, file_identity, is_done, picture_paths
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, run_python
 from entityseg.data.errors import EntityDataError
 from entityseg.evaluation.entity_ap import METRIC_NAMES, evaluate, metrics_json
-from entityseg.predict import image_ids_from_gt
+from entityseg.inference.writing import image_ids_from_gt
 
 H, W = 32, 40
 

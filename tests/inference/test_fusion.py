@@ -17,13 +17,14 @@ from pycocotools import mask as mask_utils
 
 from entityseg.data.crops import crop_boxes as make_crop_boxes
 from entityseg.inference.fusion import (
-    INFERENCE_MODES,
     Entities,
     entity_probabilities,
     fuse_entities,
     fused_probabilities,
     views_for_mode,
 )
+from entityseg.inference.settings import INFERENCE_MODES, InferenceSettings
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
 
 SIZE = 32
 FULL = (0, 0, 32, 32)
@@ -46,22 +47,29 @@ def empty_masks(num_views: int, num_queries: int, size: int = 8) -> torch.Tensor
     return torch.full((num_views, num_queries, size, size), NEVER)
 
 
-def batch_outputs(masks: torch.Tensor, entity_probs, image=None) -> dict:
-    """Model outputs of one image (N = 1) with a batch decoder: masks [V, Q, h, w]."""
+def batch_outputs(masks: torch.Tensor, entity_probs, image=None) -> CropFormerOutput:
+    """Model outputs of one image (N = 1) with a batch decoder: masks [V, Q, h, w].
+
+    ``image``: the image decoder's output; by default one that finds nothing (every mask
+    NEVER), so that a batch mode reading it would find no entity.
+    """
     num_views = masks.shape[0]
     logits = class_logits(entity_probs)[None, None].expand(1, num_views, -1, -1)
-    return {"image": image, "batch": {"logits": logits, "masks": masks[None], "aux": []}}
+    if image is None:
+        image = DecoderOutput(logits, torch.full_like(masks, NEVER)[None])
+    return CropFormerOutput(image, DecoderOutput(logits, masks[None]))
 
 
-def image_outputs(masks: torch.Tensor, logits: torch.Tensor) -> dict:
+def image_outputs(masks: torch.Tensor, logits: torch.Tensor) -> CropFormerOutput:
     """Image-level outputs only (Mask2Former): masks [V, Q, h, w], logits [V, Q, 2]."""
-    return {"image": {"logits": logits[None], "masks": masks[None], "aux": []}, "batch": None}
+    return CropFormerOutput(DecoderOutput(logits[None], masks[None]))
 
 
 def fuse(outputs, boxes, mode, valid=(SIZE, SIZE), orig=(SIZE, SIZE), **kwargs) -> Entities:
     crop_boxes = torch.tensor([boxes], dtype=torch.float32)
+    settings = InferenceSettings(**kwargs)
     (entities,) = fuse_entities(
-        outputs, crop_boxes, torch.tensor([valid]), torch.tensor([orig]), mode, **kwargs
+        outputs, crop_boxes, torch.tensor([valid]), torch.tensor([orig]), mode, settings
     )
     return entities
 
@@ -187,7 +195,7 @@ def test_image_o_reads_view_0_of_the_image_decoder_only():
     image_logits = torch.stack([class_logits([0.6, 0.6])] + [class_logits([0.99, 0.99])] * 2)
     batch_masks = torch.full((3, 2, 8, 8), SURE)
     outputs = batch_outputs(
-        batch_masks, [0.99, 0.99], image=image_outputs(image_masks, image_logits)["image"]
+        batch_masks, [0.99, 0.99], image=image_outputs(image_masks, image_logits).image
     )
     entities = fuse(outputs, [FULL, TOP_LEFT, TOP_RIGHT], "image_o")
     assert entities.query_indices.tolist() == [0]
@@ -222,7 +230,7 @@ def test_padding_is_cut_before_resizing():
     assert torch.equal(entities.masks()[0], region(slice(0, 12), slice(0, 32), size=(24, 32)))
 
 
-def random_batch(seed: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_batch(seed: int) -> tuple[CropFormerOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two images (50 x 70 and 40 x 60) with fixed4 crops and smooth random logits."""
     generator = torch.Generator().manual_seed(seed)
     num_views, num_queries = 5, 20
@@ -231,7 +239,8 @@ def random_batch(seed: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Ten
         coarse.flatten(0, 2)[:, None], size=(8, 10), mode="bilinear", align_corners=False
     ).reshape(2, num_views, num_queries, 8, 10)
     logits = torch.randn(2, 1, num_queries, 2, generator=generator).expand(-1, num_views, -1, -1)
-    outputs = {"image": None, "batch": {"logits": logits, "masks": masks, "aux": []}}
+    nothing = DecoderOutput(logits, torch.full_like(masks, NEVER))  # the image decoder's
+    outputs = CropFormerOutput(nothing, DecoderOutput(logits, masks))
     boxes = [[(0, 0, w, h), *make_crop_boxes(h, w, "fixed4", 0.7)] for h, w in ((50, 70), (40, 60))]
     image_sizes = torch.tensor([[28, 40], [30, 37]])
     return (
@@ -248,7 +257,12 @@ def test_query_chunks_do_not_change_the_result(mode, overlapping):
     outputs, boxes, image_sizes, orig_sizes = random_batch(0)
     results = [
         fuse_entities(
-            outputs, boxes, image_sizes, orig_sizes, mode, overlapping=overlapping, query_chunk=c
+            outputs,
+            boxes,
+            image_sizes,
+            orig_sizes,
+            mode,
+            InferenceSettings(overlapping=overlapping, query_chunk=c),
         )
         for c in (1, 3, 64)
     ]
@@ -267,9 +281,9 @@ def test_non_overlapping_masks_are_disjoint_and_match_a_dense_reference():
     masks = entities.masks()
     assert masks.sum(0).max() <= 1
     # dense reference: all queries fused at once, painted by ascending entity probability
-    batch = outputs["batch"]
-    fused = fused_probabilities(batch["masks"][0], boxes[0].tolist(), [(28, 40)] * 5, (50, 70))
-    probs = entity_probabilities(batch["logits"][0, 0])
+    batch = outputs.batch
+    fused = fused_probabilities(batch.masks[0], boxes[0].tolist(), [(28, 40)] * 5, (50, 70))
+    probs = entity_probabilities(batch.logits[0, 0])
     id_map = torch.full((50, 70), -1)
     for q in torch.sort(probs, stable=True).indices.tolist():
         id_map[fused[q] > 0.5] = q
@@ -336,13 +350,11 @@ def reference_case(shared_data, name: str, index: int, mode: str):
     else:
         masks = outputs[f"{index}.batch_level.pred_masks"][0].transpose(0, 1)  # [V, Q, h, w]
         logits = outputs[f"{index}.batch_level.pred_logits"][0]
-        model_outputs = {
-            "image": None,
-            "batch": {
-                "logits": logits[None, None].expand(1, len(masks), -1, -1),
-                "masks": masks[None],
-            },
-        }
+        image = image_outputs(
+            outputs[f"{index}.image_level.pred_masks"], outputs[f"{index}.image_level.pred_logits"]
+        ).image
+        batch = DecoderOutput(logits[None, None].expand(1, len(masks), -1, -1), masks[None])
+        model_outputs = CropFormerOutput(image, batch)
         boxes = [(0, 0, width, height), *outputs[f"{index}.crop_region"].tolist()]
         sizes += [tuple(outputs[f"{index}.image_crop"].shape[-2:])] * (len(boxes) - 1)
     return model_outputs, boxes, sizes, (height, width), record
@@ -367,9 +379,9 @@ def test_matches_the_release(shared_data, name, mode, index):
         if mask_utils.area(rle) > 0
     }
     assert sorted(rle["counts"] for rle in entities.rles) == sorted(release)
-    prediction = outputs["image" if mode == "image_o" else "batch"]
-    probs = entity_probabilities(prediction["logits"][0, 0])
-    fused = fused_probabilities(prediction["masks"][0, : len(boxes)], boxes, sizes, orig)
+    prediction = outputs.image if mode == "image_o" else outputs.batch
+    probs = entity_probabilities(prediction.logits[0, 0])
+    fused = fused_probabilities(prediction.masks[0, : len(boxes)], boxes, sizes, orig)
     for rle, query, score, mask in zip(
         entities.rles,
         entities.query_indices.tolist(),
@@ -386,13 +398,16 @@ def test_matches_the_release(shared_data, name, mode, index):
 @pytest.mark.parametrize("overlapping", [False, True])
 def test_cuda_outputs_give_the_cpu_entities(overlapping):
     outputs, boxes, image_sizes, orig_sizes = random_batch(2)
-    on_cuda = {
-        "image": None,
-        "batch": {k: v.cuda() for k, v in outputs["batch"].items() if k != "aux"},
-    }
+    on_cuda = CropFormerOutput(
+        *(
+            DecoderOutput(out.logits.cuda(), out.masks.cuda())
+            for out in (outputs.image, outputs.batch)
+        )
+    )
     args = (boxes, image_sizes, orig_sizes, "batch_oc")
-    cpu = fuse_entities(outputs, *args, overlapping=overlapping)
-    cuda = fuse_entities(on_cuda, *args, overlapping=overlapping)
+    settings = InferenceSettings(overlapping=overlapping)
+    cpu = fuse_entities(outputs, *args, settings)
+    cuda = fuse_entities(on_cuda, *args, settings)
     for a, b in zip(cpu, cuda, strict=True):
         assert b.scores.device.type == "cpu"
         assert torch.equal(a.query_indices, b.query_indices)

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 
 from conftest import pycocotools_ap, run_python
 from entityseg.inference.fusion import fuse_entities
+from entityseg.inference.settings import InferenceSettings
 from entityseg.interop.release import (
     ReleaseConversionError,
     convert_release,
@@ -32,7 +33,8 @@ from entityseg.models.checkpoint import (
     build_network,
     read_checkpoint,
 )
-from entityseg.train import train
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
+from entityseg.training import train
 
 MODELS = ["cropformer_tiny", "cropformer_hornet_tiny", "mask2former_tiny"]
 KEY_LISTS = [
@@ -81,33 +83,33 @@ def test_converted_network_gives_the_release_outputs(converted, name):
     for index in (0, 1):
         with torch.no_grad():
             outputs = net(release_input(reference, index, checkpoint[TEST_VIEWS_KEY]))
-        image, batch = outputs["image"], outputs["batch"]
+        image, batch = outputs.image, outputs.batch
         pairs = [
-            (image["logits"][0], reference[f"{index}.image_level.pred_logits"]),
-            (image["masks"][0], reference[f"{index}.image_level.pred_masks"]),
+            (image.logits[0], reference[f"{index}.image_level.pred_logits"]),
+            (image.masks[0], reference[f"{index}.image_level.pred_masks"]),
         ]
         recorded_aux = sorted(k for k in reference if k.startswith(f"{index}.image_level.aux"))
         if name.startswith("cropformer"):  # the release recorded every aux prediction's logits
-            assert len(recorded_aux) == len(image["aux"]) == 3
+            assert len(recorded_aux) == len(image.aux) == 3
             pairs += [
-                (aux["logits"][0], reference[f"{index}.image_level.aux{k}.pred_logits"])
-                for k, aux in enumerate(image["aux"])
+                (aux.logits[0], reference[f"{index}.image_level.aux{k}.pred_logits"])
+                for k, aux in enumerate(image.aux)
             ]
         else:  # its Mask2Former reference holds the final prediction only
             assert recorded_aux == []
         if name.startswith("cropformer"):
             pairs += [
-                (batch["logits"][0, 0], reference[f"{index}.batch_level.pred_logits"][0]),
+                (batch.logits[0, 0], reference[f"{index}.batch_level.pred_logits"][0]),
                 (
-                    batch["masks"][0],
+                    batch.masks[0],
                     reference[f"{index}.batch_level.pred_masks"][0].transpose(0, 1),
                 ),
             ]
             pairs += [
-                (aux["logits"][0, 0], reference[f"{index}.batch_level.aux{k}.pred_logits"][0])
-                for k, aux in enumerate(batch["aux"])
+                (aux.logits[0, 0], reference[f"{index}.batch_level.aux{k}.pred_logits"][0])
+                for k, aux in enumerate(batch.aux)
             ]
-            assert len(batch["aux"]) == 3
+            assert len(batch.aux) == 3
         else:
             assert batch is None
         for ours, release in pairs:
@@ -119,18 +121,18 @@ def test_converted_network_gives_the_release_outputs(converted, name):
 def reference_outputs_as_ours(reference: dict, index: int, record: dict, mask2former: bool):
     height, width = record["height"], record["width"]
     full = tuple(reference[f"{index}.image"].shape[-2:])
+    image = DecoderOutput(
+        reference[f"{index}.image_level.pred_logits"][None],
+        reference[f"{index}.image_level.pred_masks"][None],
+    )
     if mask2former:
-        prediction = {
-            "logits": reference[f"{index}.image_level.pred_logits"][None],
-            "masks": reference[f"{index}.image_level.pred_masks"][None],
-        }
-        return {"image": prediction, "batch": None}, [(0, 0, width, height)], [full], "image_o"
+        return CropFormerOutput(image), [(0, 0, width, height)], [full], "image_o"
     masks = reference[f"{index}.batch_level.pred_masks"][0].transpose(0, 1)  # [V, Q, h, w]
     logits = reference[f"{index}.batch_level.pred_logits"][0]
-    prediction = {"logits": logits[None, None].expand(1, len(masks), -1, -1), "masks": masks[None]}
+    batch = DecoderOutput(logits[None, None].expand(1, len(masks), -1, -1), masks[None])
     boxes = [(0, 0, width, height), *map(tuple, reference[f"{index}.crop_region"].tolist())]
     sizes = [full] + [tuple(reference[f"{index}.image_crop"].shape[-2:])] * 4
-    return {"image": None, "batch": prediction}, boxes, sizes, "batch_oc"
+    return CropFormerOutput(image, batch), boxes, sizes, "batch_oc"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -147,7 +149,7 @@ def test_release_fusion_reproduces_its_entities(shared_data, name):
             torch.tensor([sizes]),
             torch.tensor([[record["height"], record["width"]]]),
             mode,
-            compat="release",
+            InferenceSettings(compat="release"),
         )[0]
         assert [r["counts"] for r in entities.rles] == [
             s["counts"] for s in record["segmentations"]

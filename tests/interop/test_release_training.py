@@ -45,6 +45,7 @@ from entityseg.models.checkpoint import (
     stored_net_config,
 )
 from entityseg.models.cropformer import CropFormer
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
 
 MODELS = ["cropformer_tiny", "cropformer_hornet_tiny", "mask2former_tiny"]
 #: The experiment whose recipe each reduced reference model follows.
@@ -55,6 +56,11 @@ EXPERIMENTS = {
 }
 LEVELS = {"image": "image_level", "batch": "batch_level"}
 TERMS = ("loss_ce", "loss_mask", "loss_dice")  # the release's names of our (CE, BCE, Dice)
+
+
+def decoder_output(outputs: CropFormerOutput, level: str) -> DecoderOutput:
+    """Our output of one level: ``"image"`` or ``"batch"`` (the release's names, :data:`LEVELS`)."""
+    return outputs.image if level == "image" else outputs.batch
 
 
 def model_config(experiment: str) -> dict:
@@ -74,7 +80,7 @@ class Step:
     net: CropFormer
     names: dict[str, str]  # release parameter name -> ours
     targets: list[list[dict]]
-    outputs: dict
+    outputs: CropFormerOutput
     losses: dict
     criterion: torch.nn.Module
     module: CropFormerModule
@@ -116,15 +122,15 @@ def release_targets(reference: dict, height: int, width: int) -> list[list[dict]
     return targets
 
 
-def recorded_matches(reference: dict, outputs: dict, targets: list[list[dict]]) -> dict:
+def recorded_matches(reference: dict, outputs: CropFormerOutput, targets: list[list[dict]]) -> dict:
     """The release's assignment of every prediction, in our form, by (level, the prediction's
     logits' storage): image level per image and view (queries, rows of that view's targets),
     batch level per image (queries, entity rows)."""
     recorded = iter(reference["matches"])
     matches = {}
-    for level in ["image"] if outputs["batch"] is None else ["image", "batch"]:
-        ours = outputs[level]
-        for prediction in [ours, *ours["aux"]]:
+    for level in ["image"] if outputs.batch is None else ["image", "batch"]:
+        ours = decoder_output(outputs, level)
+        for prediction in [ours, *ours.aux]:
             recorded_level, pairs = next(recorded)
             assert recorded_level == level
             pairs = [(torch.tensor(q), torch.tensor(t)) for q, t in pairs]
@@ -138,7 +144,7 @@ def recorded_matches(reference: dict, outputs: dict, targets: list[list[dict]]) 
                     ]
                     for n in range(len(targets))
                 ]
-            matches[level, prediction["logits"].data_ptr()] = pairs
+            matches[level, prediction.logits.data_ptr()] = pairs
     assert next(recorded, None) is None
     return matches
 
@@ -149,7 +155,9 @@ def visible_rows(target: dict) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def release_assignments(matcher, reference: dict, outputs: dict, targets: list[list[dict]]):
+def release_assignments(
+    matcher, reference: dict, outputs: CropFormerOutput, targets: list[list[dict]]
+):
     """``matcher`` gives the release's recorded assignments while in the block.
 
     The losses and gradients are then compared with the release's for the same assignment:
@@ -283,23 +291,23 @@ def test_our_pipeline_with_the_release_draws_gives_its_step(step, photos):
     assert losses["loss"].item() == pytest.approx(step.reference["loss_total"], rel=1e-5)
 
 
-def predictions(step: Step, level: str) -> list[tuple[str, dict]]:
+def predictions(step: Step, level: str) -> list[tuple[str, DecoderOutput]]:
     """(release suffix, our prediction) of one level: final first, then aux 0, 1, ..."""
-    ours = step.outputs[level]
-    return [("", ours)] + [(f"_{k}", aux) for k, aux in enumerate(ours["aux"])]
+    ours = decoder_output(step.outputs, level)
+    return [("", ours)] + [(f"_{k}", aux) for k, aux in enumerate(ours.aux)]
 
 
-def as_release(prediction: dict, level: str) -> tuple[torch.Tensor, torch.Tensor]:
+def as_release(prediction: DecoderOutput, level: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Our prediction in the release's layout: image [N*V, Q, ...], batch [N, Q, (V,) ...]."""
-    logits, masks = prediction["logits"], prediction["masks"]  # [N, V, Q, 2], [N, V, Q, h, w]
+    logits, masks = prediction.logits, prediction.masks  # [N, V, Q, 2], [N, V, Q, h, w]
     if level == "image":
         return logits.flatten(0, 1), masks.flatten(0, 1)
     return logits[:, 0], masks.transpose(1, 2)
 
 
 def test_outputs_equal_the_release(step):
-    levels = ["image"] if step.outputs["batch"] is None else ["image", "batch"]
-    assert (step.outputs["batch"] is None) == step.name.startswith("mask2former")
+    levels = ["image"] if step.outputs.batch is None else ["image", "batch"]
+    assert (step.outputs.batch is None) == step.name.startswith("mask2former")
     checked = 0
     for level in levels:
         for suffix, prediction in predictions(step, level):
@@ -322,7 +330,7 @@ def test_targets_equal_the_release_criteria_targets(step):
             assert torch.equal(target["masks"][visible], recorded)
             assert reference[f"image_level.targets.{view_index}.labels"].eq(0).all()
             view_index += 1
-        if step.outputs["batch"] is None:
+        if step.outputs.batch is None:
             continue
         assert torch.equal(views[0]["ids"], ids)  # every entity, in annotation order
         masks = torch.stack([t["masks"] for t in views], dim=1)  # G_b [M, V, H, W]
@@ -351,7 +359,7 @@ def test_every_matcher_assignment_equals_the_release(step, monkeypatch):
 
     monkeypatch.setattr(matcher, "match", recording)
     recorded = iter(step.reference["matches"])
-    levels = ["image"] if step.outputs["batch"] is None else ["image", "batch"]
+    levels = ["image"] if step.outputs.batch is None else ["image", "batch"]
     ties = 0
     for level in levels:
         for _, prediction in predictions(step, level):
@@ -359,9 +367,9 @@ def test_every_matcher_assignment_equals_the_release(step, monkeypatch):
             assert recorded_level == level
             problems.clear()
             if level == "image":  # targets: the view's visible entities, as the release's
-                matcher.match_image_level(prediction["logits"], prediction["masks"], step.targets)
+                matcher.match_image_level(prediction.logits, prediction.masks, step.targets)
             else:
-                matcher.match_batch_level(prediction["logits"], prediction["masks"], step.targets)
+                matcher.match_batch_level(prediction.logits, prediction.masks, step.targets)
             assert len(problems) == len(pairs)
             for (cost, (queries, targets)), (release_q, release_t) in zip(
                 problems, pairs, strict=True
@@ -378,7 +386,7 @@ def test_every_matcher_assignment_equals_the_release(step, monkeypatch):
 
 def test_every_loss_term_equals_the_release(step):
     reference, criterion = step.reference, step.criterion
-    levels = ["image"] if step.outputs["batch"] is None else ["image", "batch"]
+    levels = ["image"] if step.outputs.batch is None else ["image", "batch"]
     for level in levels:
         loss = getattr(criterion, f"{level}_level")
         num_masks = loss.num_masks(step.targets, torch.device("cpu"))
@@ -395,7 +403,7 @@ def test_every_loss_term_equals_the_release(step):
         ours_key = f"{level}/{'bce' if term == 'mask' else term}"
         sums[ours_key] = sums.get(ours_key, 0.0) + value
     level_weights = {"image": criterion.image_level_weight, "batch": criterion.batch_level_weight}
-    if step.outputs["batch"] is None:
+    if step.outputs.batch is None:
         level_weights["image"] = 1.0  # Mask2Former: the image level at full weight
     for key, value in weighted.items():
         assert level_weights[key.split("/")[0]] * value == pytest.approx(sums[key], rel=1e-5), key

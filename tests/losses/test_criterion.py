@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from entityseg.losses import criterion as criterion_module
 from entityseg.losses.criterion import CropFormerCriterion, dice_loss, sigmoid_bce_loss
 from entityseg.losses.point_sampling import point_sample, uncertain_points
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
 
 N, V, Q, SIZE = 2, 2, 6, 24  # images, views, queries, prediction side (targets are 4x)
 BLOCK = 10  # entities are BLOCK x BLOCK squares at the prediction stride
@@ -45,7 +47,7 @@ def perfect_prediction(targets, magnitude=20.0):
             masks[n, v, :num_entities] = magnitude * (entity_masks[:, ::4, ::4].float() * 2 - 1)
             visible = entity_masks.flatten(1).any(1)  # [M]
             logits[n, v, :num_entities][visible] = torch.tensor([magnitude, 0.0])
-    return {"logits": logits, "masks": masks, "aux": []}
+    return DecoderOutput(logits, masks)
 
 
 def random_prediction(seed, num_aux=0, requires_grad=False):
@@ -54,18 +56,16 @@ def random_prediction(seed, num_aux=0, requires_grad=False):
     def one():
         logits = torch.randn(N, V, Q, 2, generator=generator).requires_grad_(requires_grad)
         masks = 3 * torch.randn(N, V, Q, SIZE, SIZE, generator=generator)
-        return {"logits": logits, "masks": masks.requires_grad_(requires_grad)}
+        return DecoderOutput(logits, masks.requires_grad_(requires_grad))
 
-    prediction = one()
-    prediction["aux"] = [one() for _ in range(num_aux)]
-    return prediction
+    final = one()
+    return replace(final, aux=[one() for _ in range(num_aux)])
 
 
 def batch_view(prediction):
     """A batch-decoder prediction: one entity score per query, broadcast to every view."""
-    logits = prediction["logits"][:, :1].expand(-1, V, -1, -1)
-    aux = [batch_view(a) for a in prediction.get("aux", [])]
-    return {"logits": logits, "masks": prediction["masks"], "aux": aux}
+    logits = prediction.logits[:, :1].expand(-1, V, -1, -1)
+    return DecoderOutput(logits, prediction.masks, [batch_view(a) for a in prediction.aux])
 
 
 def test_perfect_predictions_give_near_zero_losses():
@@ -73,7 +73,7 @@ def test_perfect_predictions_give_near_zero_losses():
     targets = block_targets()
     prediction = perfect_prediction(targets)
     criterion = CropFormerCriterion(num_points=2000)
-    losses = criterion({"image": prediction, "batch": batch_view(prediction)}, targets)
+    losses = criterion(CropFormerOutput(prediction, batch_view(prediction)), targets)
     # per target mask and view, unweighted; what is left sits on the entity edges, where the
     # stride-4 logits ramp while the full-resolution labels step (75% of points sample there)
     for level, masks_per_target in (("image", 1), ("batch", V)):
@@ -81,7 +81,7 @@ def test_perfect_predictions_give_near_zero_losses():
         assert losses[f"{level}/bce"] / (5 * masks_per_target) < 0.08
         assert losses[f"{level}/dice"] / (5 * masks_per_target) < 0.08
     random_losses = criterion(
-        {"image": random_prediction(1), "batch": batch_view(random_prediction(2))}, targets
+        CropFormerOutput(random_prediction(1), batch_view(random_prediction(2))), targets
     )
     for key in losses:
         assert random_losses[key] > 10 * losses[key] + 0.5
@@ -90,12 +90,12 @@ def test_perfect_predictions_give_near_zero_losses():
 def test_gradients_reach_logits_and_masks():
     torch.manual_seed(0)
     image, batch = random_prediction(0, 2, True), random_prediction(1, 2, True)
-    losses = CropFormerCriterion(num_points=500)({"image": image, "batch": batch}, block_targets())
+    losses = CropFormerCriterion(num_points=500)(CropFormerOutput(image, batch), block_targets())
     losses["loss"].backward()
     for prediction in (image, batch):
-        for p in (prediction, *prediction["aux"]):
-            assert p["logits"].grad.abs().sum() > 0
-            assert p["masks"].grad.abs().sum() > 0
+        for p in (prediction, *prediction.aux):
+            assert p.logits.grad.abs().sum() > 0
+            assert p.masks.grad.abs().sum() > 0
 
 
 def test_empty_targets():
@@ -106,12 +106,12 @@ def test_empty_targets():
     }
     targets = [[no_entities] * V for _ in range(N)]
     image, batch = random_prediction(0, 1, True), random_prediction(1, 1, True)
-    losses = CropFormerCriterion(num_points=100)({"image": image, "batch": batch}, targets)
+    losses = CropFormerCriterion(num_points=100)(CropFormerOutput(image, batch), targets)
     for level in ("image", "batch"):
         assert losses[f"{level}/ce"] > 0
         assert losses[f"{level}/bce"] == 0 and losses[f"{level}/dice"] == 0
     losses["loss"].backward()
-    assert image["masks"].grad is not None  # connected (zero) so DDP sees every parameter
+    assert image.masks.grad is not None  # connected (zero) so DDP sees every parameter
     assert torch.isfinite(losses["loss"])
 
 
@@ -120,7 +120,7 @@ def test_view_without_targets_still_gets_ce():
     targets = block_targets()
     targets[1][1]["masks"] = torch.zeros_like(targets[1][1]["masks"])  # no entity in this view
     prediction = perfect_prediction(block_targets())  # image 1, view 1 claims 3 entities
-    losses = CropFormerCriterion(num_points=500)({"image": prediction, "batch": None}, targets)
+    losses = CropFormerCriterion(num_points=500)(CropFormerOutput(prediction), targets)
     assert losses["image/ce"] > 1.0  # its confident entity scores are now wrong
     assert torch.isfinite(losses["loss"])
 
@@ -129,24 +129,24 @@ def test_view_without_targets_still_gets_ce():
 def test_ce_uses_the_no_entity_weight(no_entity_weight):
     torch.manual_seed(0)
     targets = block_targets()
-    prediction = perfect_prediction(targets)
-    prediction["logits"] = torch.randn(N, V, Q, 2)  # scores random, masks decide the matching
+    # scores random, masks decide the matching
+    prediction = replace(perfect_prediction(targets), logits=torch.randn(N, V, Q, 2))
     batch = batch_view(prediction)
     criterion = CropFormerCriterion(no_entity_weight=no_entity_weight, num_points=1000)
-    losses = criterion({"image": prediction, "batch": batch}, targets)
+    losses = criterion(CropFormerOutput(prediction, batch), targets)
 
     weight = torch.tensor([1.0, no_entity_weight])  # written here, not read from the criterion
     classes = torch.ones(N, V, Q, dtype=torch.long)  # no-entity
     classes[:, :, :3] = 0  # query m predicts entity m
     classes[0, 1, 1] = 1  # entity 1 is not in view 1 of image 0: not a target there
-    logits = prediction["logits"].reshape(-1, 2)
+    logits = prediction.logits.reshape(-1, 2)
     expected = F.cross_entropy(logits, classes.reshape(-1), weight=weight)  # weighted mean
     assert losses["image/ce"] == pytest.approx(2.0 * float(expected), rel=1e-5)
 
     batch_classes = torch.ones(N, Q, dtype=torch.long)
     batch_classes[:, :3] = 0  # all three entities of every image
     expected_batch = F.cross_entropy(
-        batch["logits"][:, 0].reshape(-1, 2), batch_classes.reshape(-1), weight=weight
+        batch.logits[:, 0].reshape(-1, 2), batch_classes.reshape(-1), weight=weight
     )
     assert losses["batch/ce"] == pytest.approx(2.0 * float(expected_batch), rel=1e-5)
 
@@ -155,14 +155,12 @@ def test_total_is_the_documented_weighted_sum():
     torch.manual_seed(0)
     targets = block_targets()
     criterion = CropFormerCriterion(num_points=300, image_level_weight=0.3, batch_level_weight=2.0)
-    losses = criterion(
-        {"image": random_prediction(0, 1), "batch": random_prediction(1, 1)}, targets
-    )
+    losses = criterion(CropFormerOutput(random_prediction(0, 1), random_prediction(1, 1)), targets)
     image_sum = sum(losses[f"image/{t}"] for t in TERMS)
     batch_sum = sum(losses[f"batch/{t}"] for t in TERMS)
     assert losses["loss"] == pytest.approx(float(0.3 * image_sum + 2.0 * batch_sum), rel=1e-6)
 
-    baseline = criterion({"image": random_prediction(0, 1), "batch": None}, targets)
+    baseline = criterion(CropFormerOutput(random_prediction(0, 1)), targets)
     assert set(baseline) == {"loss", "image/ce", "image/bce", "image/dice"}
     image_sum = sum(baseline[f"image/{t}"] for t in TERMS)
     assert baseline["loss"] == pytest.approx(float(image_sum), rel=1e-6)  # full weight
@@ -171,13 +169,13 @@ def test_total_is_the_documented_weighted_sum():
 def test_aux_predictions_are_counted():
     torch.manual_seed(0)
     targets = block_targets()
-    prediction = perfect_prediction(targets)
-    prediction["logits"] = torch.randn(N, V, Q, 2)
-    prediction["masks"] = prediction["masks"] / 10  # soft, so mask losses are not ~0
+    perfect = perfect_prediction(targets)
+    # soft masks, so mask losses are not ~0
+    prediction = DecoderOutput(torch.randn(N, V, Q, 2), perfect.masks / 10)
     criterion = CropFormerCriterion(num_points=4000)
-    single = criterion({"image": prediction, "batch": batch_view(prediction)}, targets)
-    prediction["aux"] = [{"logits": prediction["logits"], "masks": prediction["masks"]}] * 2
-    tripled = criterion({"image": prediction, "batch": batch_view(prediction)}, targets)
+    single = criterion(CropFormerOutput(prediction, batch_view(prediction)), targets)
+    prediction = replace(prediction, aux=[DecoderOutput(prediction.logits, prediction.masks)] * 2)
+    tripled = criterion(CropFormerOutput(prediction, batch_view(prediction)), targets)
     for key in single:
         if key.endswith("/ce"):
             assert tripled[key] == pytest.approx(3 * float(single[key]), rel=1e-5)
@@ -189,10 +187,8 @@ def test_mask_losses_are_normalised_by_the_number_of_target_masks():
     """Logits 0 give BCE log 2 at any point, so the BCE sum counts the matched masks."""
     torch.manual_seed(0)
     targets = block_targets(num_entities=4)  # 4 entities, 2 queries: half are matched
-    prediction = {"logits": torch.zeros(N, V, 2, 2), "masks": torch.zeros(N, V, 2, SIZE, SIZE)}
-    losses = CropFormerCriterion(num_points=200)(
-        {"image": prediction, "batch": prediction}, targets
-    )
+    prediction = DecoderOutput(torch.zeros(N, V, 2, 2), torch.zeros(N, V, 2, SIZE, SIZE))
+    losses = CropFormerCriterion(num_points=200)(CropFormerOutput(prediction, prediction), targets)
     pairs = sum(int(t["masks"].flatten(1).any(1).sum()) for views in targets for t in views)
     assert losses["image/bce"] == pytest.approx(5 * math.log(2) * (N * V * 2) / pairs, rel=1e-5)
     # batch level: each matched entity has V masks, normalised by the number of entities
@@ -265,13 +261,13 @@ def test_dense_point_losses_match_a_naive_pixel_loop():
     criterion = CropFormerCriterion(num_points=None)
     loss = criterion.image_level
     num_masks = loss.num_masks(targets, torch.device("cpu"))
-    matches = loss.matcher.match_image_level(prediction["logits"], prediction["masks"], targets)
+    matches = loss.matcher.match_image_level(prediction.logits, prediction.masks, targets)
     bce = dice = 0.0
     for n in range(N):
         for v in range(V):
             for q, m in zip(*matches[n][v], strict=True):
                 target = targets[n][v]["masks"][m].double()  # [4 SIZE, 4 SIZE]
-                logits = prediction["masks"][n, v, q].double()  # [SIZE, SIZE]
+                logits = prediction.masks[n, v, q].double()  # [SIZE, SIZE]
                 labels = torch.zeros(SIZE, SIZE, dtype=torch.float64)
                 for i in range(SIZE):
                     for j in range(SIZE):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from entityseg.losses.matcher import HungarianMatcher, batch_level_targets
 from entityseg.losses.point_sampling import point_sample
+from entityseg.models.outputs import DecoderOutput
 
 
 def random_problem(generator, num_queries, num_targets, num_views=1, size=8):
@@ -149,7 +150,7 @@ def test_no_targets_give_empty_indices():
     size = 4
     no_entities = torch.zeros(0, 4 * size, 4 * size, dtype=torch.bool)
     targets = [[{"masks": no_entities, "ids": torch.zeros(0, dtype=torch.long)}] * 2] * 2
-    prediction = {"logits": torch.randn(2, 2, 3, 2), "masks": torch.randn(2, 2, 3, size, size)}
+    prediction = DecoderOutput(torch.randn(2, 2, 3, 2), torch.randn(2, 2, 3, size, size))
     matcher = HungarianMatcher(num_points=100)
     for per_view in matcher(prediction, targets, level="image"):
         for query_idx, target_idx in per_view:

@@ -40,15 +40,15 @@ def test_tiny_cropformer_overfits_one_image(one_batch):
     # one batch query = one entity in both views: its masks agree with the targets of both
     model.eval()
     with torch.no_grad():
-        batch = model(images)["batch"]
+        batch = model(images).batch
     [(queries, entities)] = HungarianMatcher(num_points=4096).match_batch_level(
-        batch["logits"], batch["masks"], targets
+        batch.logits, batch.masks, targets
     )
     h, w = one_batch["image_sizes"][0].tolist()
     ious = []
     for q, m in zip(queries.tolist(), entities.tolist(), strict=True):
         for view in range(2):
-            pred = batch["masks"][0, view, q].sigmoid() > 0.5
+            pred = batch.masks[0, view, q].sigmoid() > 0.5
             pred = torch.nn.functional.interpolate(pred[None, None].float(), scale_factor=4)[0, 0]
             gt = targets[0][view]["masks"][m]
             if gt.sum() > 20:

@@ -215,7 +215,7 @@ def main(cfg: DictConfig) -> None:
         log.warning(message.replace("\n\n", "\n"))
         serve(missing_checkpoint_page(message), cfg.app)
         return
-    from entityseg.evaluate import segmenter_from_config
+    from entityseg.api import segmenter_from_config
 
     segmenter = segmenter_from_config(cfg)
     examples = example_images(cfg)
@@ -230,7 +230,7 @@ def main(cfg: DictConfig) -> None:
     views = segmenter.views
     about = (
         f"Checkpoint `{Path(cfg.ckpt_path).name}` on {segmenter.device.type}; test views: short "
-        f"side {views.short_sizes[0]}, max {views.max_size}, compat `{segmenter.compat}`."
+        f"side {views.short_sizes[0]}, max {views.max_size}, compat `{segmenter.settings.compat}`."
     )
     page = build_page(service, examples, about)
     serve(page, cfg.app, examples, workdir)

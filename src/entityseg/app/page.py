@@ -13,8 +13,8 @@ import gradio as gr
 from entityseg.app.service import Choices, SegmentationService, UploadError
 from entityseg.config import ConfigError
 from entityseg.data.coco_entity import IMAGE_SUFFIXES
-from entityseg.data.datamodule import TEST_CROP_LAYOUTS
-from entityseg.evaluate import PAPER_NAMES
+from entityseg.data.views import TEST_CROP_LAYOUTS
+from entityseg.inference.settings import PAPER_NAMES
 from entityseg.viz import draw_boxes
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,9 @@ downloads.
 
 Plain Python on :class:`~entityseg.api.EntitySegmenter` (the one inference path), so that the
 downloads are what ``predict`` writes for the same image and settings: its 16-bit entity-id
-PNG and overlay JPEG (:func:`~entityseg.predict.write_pictures`) and its COCO records
-(:func:`~entityseg.predict.prediction_records`, image id 1 as for a one-image input). The page
-(:mod:`entityseg.app.page`) only lays this out.
+PNG and overlay JPEG (:func:`~entityseg.inference.writing.write_pictures`) and its COCO
+records (:func:`~entityseg.inference.writing.prediction_records`, image id 1 as for a
+one-image input). The page (:mod:`entityseg.app.page`) only lays this out.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import pycocotools.mask as mask_utils
 from entityseg.api import EntitySegmenter
 from entityseg.data.coco_entity import open_image, read_rgb_image
 from entityseg.data.errors import EntityDataError
-from entityseg.evaluate import PAPER_NAMES
-from entityseg.inference.fusion import INFERENCE_MODES, Entities
-from entityseg.predict import picture_paths, prediction_records, write_pictures
+from entityseg.inference.fusion import Entities
+from entityseg.inference.settings import INFERENCE_MODES, PAPER_NAMES
+from entityseg.inference.writing import picture_paths, prediction_records, write_pictures
 from entityseg.viz import (
     draw_boxes,
     fit_within,
@@ -174,24 +174,24 @@ class SegmentationService:
     def can_overlap(self) -> bool:
         """Whether overlapping masks can be asked for (not under ``compat=release``, whose
         entities never overlap)."""
-        return self.segmenter.compat != "release"
+        return self.segmenter.settings.compat != "release"
 
     @property
     def defaults(self) -> Choices:
         """The checkpoint's mode, crops and fusion settings."""
-        views = self.segmenter.views
+        views, settings = self.segmenter.views, self.segmenter.settings
         return Choices(
-            mode=self.segmenter.mode,
+            mode=settings.mode,
             crop_layout=views.crop_layout,
             crop_delta=views.crop_delta,
-            overlapping=self.segmenter.overlapping,
-            score_threshold=self.segmenter.score_threshold,
+            overlapping=settings.overlapping,
+            score_threshold=settings.score_threshold,
         )
 
     def segmenter_for(self, choices: Choices) -> EntitySegmenter:
         """The segmenter with these choices (the same network)."""
         return self.segmenter.replace(
-            choices.mode,
+            mode=choices.mode,
             test_crop_layout=choices.crop_layout,
             crop_delta=float(choices.crop_delta),
             overlapping=bool(choices.overlapping),
@@ -208,15 +208,16 @@ class SegmentationService:
         report(0.0, desc=f"reading {name}")
         image = read_upload(path, self.max_megapixels)
         segmenter = self.segmenter_for(choices)
-        modes = [segmenter.mode]
+        mode = segmenter.settings.mode
+        modes = [mode]
         compare = choices.compare and "batch_oc" in self.modes
         if compare:
-            modes += [m for m in ("image_o", "batch_oc") if m != segmenter.mode]
+            modes += [m for m in ("image_o", "batch_oc") if m != mode]
         report(0.1, desc=f"{', '.join(PAPER_NAMES[m] for m in modes)}: network and fusion")
         start = time.perf_counter()
         per_mode = segmenter.segment_modes(image, modes)
         seconds = time.perf_counter() - start
-        entities = per_mode[segmenter.mode]
+        entities = per_mode[mode]
 
         report(0.8, desc="writing the downloads")
         folder = self._new_folder()
@@ -232,7 +233,7 @@ class SegmentationService:
             overlay=overlay,
             seconds=seconds,
             downloads=[id_png, overlay_jpg, records],
-            mode=segmenter.mode,
+            mode=mode,
         )
         if compare:
             report(0.9, desc="comparing Image-O with Batch-OC")

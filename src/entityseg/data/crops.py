@@ -1,10 +1,16 @@
 """Crop boxes Gamma{I^O, delta} and the geometry between a crop view I^C and the image I^O.
 
-CropFormer pairs the full image I^O with crops I^C of ratio delta, all resized to the same
-network size. This module decides *where* the crops are (``crop_boxes``), cuts and resizes an
-image or its masks to a view (``crop_and_resize``); inference maps views back into the
-original image (:func:`entityseg.inference.fusion.fused_probabilities`). Boxes are
-``(x0, y0, x1, y1)`` integer pixels of the original image, x1/y1 exclusive.
+The paper's crop and resize, I = {I^O, I^C} = Gamma{I^O, delta} with
+I in R^{N x 2 x H_I x W_I x 3}: CropFormer pairs the full image I^O with crops I^C whose sides
+are the ratio delta of the image's (``data.crop_delta``, 0.7 as released; paper Table 9a),
+laid out as in Table 9b (``fixed4``, ``fixed8``, ``random``; ``data.train_crop_layout``,
+``data.test_crop_layout``), all resized to the same network size H_I x W_I (the views of
+:mod:`entityseg.data.views` stack them as ``images [N, V, 3, H, W]``).
+
+This module decides *where* the crops are (``crop_boxes``), cuts and resizes an image or its
+masks to a view (``crop_and_resize``); inference maps views back into the original image
+(:func:`entityseg.inference.fusion.fused_probabilities`). Boxes are ``(x0, y0, x1, y1)`` integer
+pixels of the original image, x1/y1 exclusive.
 
 Views are made as the release's mapper makes them (Pillow bilinear for images, Pillow nearest for
 masks, both with half-pixel centres), so its training views are reproduced pixel for pixel.
@@ -70,7 +76,8 @@ def crop_boxes(
     *,
     grid_overlap: float = GRID_OVERLAP,
 ) -> list[Box]:
-    """Crop boxes of one image, in integer pixels of that image.
+    """Crop boxes of one image, in integer pixels of that image: the crop half of the paper's
+    Gamma{I^O, delta} (``delta`` the crop ratio; layouts of paper Table 9b).
 
     Layouts:
       * ``fixed4``: the release's grid. Crop size ``int(delta*W) x int(delta*H)``; starts every
@@ -169,7 +176,8 @@ def crop_and_resize(
     is_mask: bool = False,
     flip: bool = False,
 ) -> np.ndarray:
-    """Cut ``box`` out of an image ``[H, W, C]`` (or masks ``[M, H, W]``) and resize to (h, w).
+    """Cut ``box`` out of an image ``[H, W, C]`` (or masks ``[M, H, W]``) and resize to (h, w):
+    the resize half of the paper's Gamma{I^O, delta}, one crop I^C at the network size.
 
     Images are resized with Pillow's bilinear filter (antialiased when shrinking) and masks
     with Pillow's nearest neighbour (:func:`pil_nearest_index`): that is what the release's

@@ -9,9 +9,8 @@ several parts, each a json with its own image folder (EntitySeg's three parts, a
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader
 from entityseg.config import ConfigError
 from entityseg.data.coco_entity import EntityImage, load_entity_json
 from entityseg.data.crops import CROP_LAYOUTS
+from entityseg.data.photometric import PHOTOMETRIC_PIPELINES
 from entityseg.data.synthetic import generate_dataset
 from entityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, scaled_sizes
 from entityseg.data.views import (
@@ -38,93 +38,6 @@ log = logging.getLogger(__name__)
 RECIPE_TRAIN_SHORT_SIZES = tuple(range(640, 801, 32))
 #: Which copy of a validation set ``val_json`` / ``val_images`` are (EntitySeg has both).
 RESOLUTIONS = ("high", "low")
-
-
-#: The ``data`` keys that make the test-time views (:func:`test_view_config`): what a training
-#: checkpoint stores (``entityseg.models.checkpoint.VIEWS_KEY``) and what ``predict`` and
-#: ``evaluate`` take from it.
-TEST_VIEW_KEYS = (
-    "test_short_size",
-    "test_max_size",
-    "size_scale",
-    "crop_delta",
-    "test_crop_layout",
-    "test_crop_resize",
-    "pixel_mean",
-    "pixel_std",
-)
-#: Test-time crop layouts: all their crops are used (``random`` is for training only).
-TEST_CROP_LAYOUTS = ("fixed4", "fixed8", "grid")
-
-
-def test_view_config(
-    test_short_size: int,
-    test_max_size: int,
-    size_scale: float,
-    crop_delta: float,
-    test_crop_layout: str,
-    pixel_mean: Sequence[float],
-    pixel_std: Sequence[float],
-    test_crop_resize: str = "same",
-    **_: object,
-) -> ViewConfig:
-    """Test-time views from the ``data`` config's keys (also used by ``predict`` on photos)."""
-    return ViewConfig(
-        short_sizes=tuple(scaled_sizes([test_short_size], size_scale)),
-        max_size=scaled_sizes([test_max_size], size_scale)[0],
-        crop_layout=test_crop_layout,
-        crop_delta=float(crop_delta),
-        flip_prob=0.0,
-        pixel_mean=tuple(float(v) for v in pixel_mean),
-        pixel_std=tuple(float(v) for v in pixel_std),
-        crop_resize=test_crop_resize,
-    )
-
-
-def view_keys(data: Mapping) -> dict:
-    """The test-view keys of a ``data`` config (or a data module's ``hparams``) as plain json
-    values; a key it lacks takes :class:`EntityDataModule`'s default (the release's recipe)."""
-    defaults = inspect.signature(EntityDataModule.__init__).parameters
-    keys = {key: data[key] if key in data else defaults[key].default for key in TEST_VIEW_KEYS}
-    for key in ("pixel_mean", "pixel_std"):
-        keys[key] = [float(v) for v in keys[key]]
-    return keys
-
-
-def view_config_keys(views: ViewConfig) -> dict:
-    """The test-view keys that make ``views`` again (sizes as they are: ``size_scale`` 1)."""
-    return {
-        "test_short_size": views.short_sizes[0],
-        "test_max_size": views.max_size,
-        "size_scale": 1.0,
-        "crop_delta": views.crop_delta,
-        "test_crop_layout": views.crop_layout,
-        "test_crop_resize": views.crop_resize,
-        "pixel_mean": list(views.pixel_mean),
-        "pixel_std": list(views.pixel_std),
-    }
-
-
-def check_test_view_keys(keys: Mapping) -> None:
-    """Raise :class:`ConfigError` (named by the bare key) on a test-view value that cannot work."""
-    for key in ("test_short_size", "test_max_size"):
-        if key in keys and not _positive_int(keys[key]):
-            raise ConfigError(key, keys[key], "must be a positive integer")
-    if "size_scale" in keys and not (_number(keys["size_scale"]) and keys["size_scale"] > 0):
-        raise ConfigError("size_scale", keys["size_scale"], "must be > 0")
-    delta = keys.get("crop_delta", 0.7)
-    if not (_number(delta) and 0 < delta <= 1):  # every test crop has the one ratio
-        raise ConfigError("crop_delta", delta, "must be in (0, 1]")
-    for key, allowed, what in (
-        ("test_crop_layout", TEST_CROP_LAYOUTS, "crop layout"),
-        ("test_crop_resize", CROP_RESIZE_MODES, "crop resize"),
-    ):
-        if key in keys and keys[key] not in allowed:
-            raise ConfigError(key, keys[key], f"unknown {what}; expected one of {allowed}")
-    mean, std = keys.get("pixel_mean", (0, 0, 0)), keys.get("pixel_std", (1, 1, 1))
-    if not (_three_numbers(mean) and _three_numbers(std) and min(std) > 0):
-        key = "pixel_mean" if not _three_numbers(mean) else "pixel_std"
-        raise ConfigError(key, keys[key], "mean and std need 3 values, std > 0")
 
 
 class EntityDataModule(L.LightningDataModule):
@@ -170,6 +83,10 @@ class EntityDataModule(L.LightningDataModule):
         skip_empty_train: leave images without entities out of training (kept for evaluation).
         strict: fail on bad input instead of logging and counting a skip.
         seed: seed of the per-sample random generators.
+        photometric: ``None`` (off, the default and every release experiment) or ``default``:
+            an optional photometric augmentation of the training images for small data sets of
+            one's own (:mod:`entityseg.data.photometric`: brightness, contrast, colour, gamma,
+            noise, blur; one draw per image, shared by all its views). Never at evaluation.
         for_training: ``False`` for a run that does not train (``entityseg.evaluate``): the
             training set's paths are then neither checked nor generated.
     """
@@ -212,10 +129,12 @@ class EntityDataModule(L.LightningDataModule):
         skip_empty_train: bool = True,
         strict: bool = False,
         seed: int = 0,
+        photometric: str | None = None,
         for_training: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        self.test_views = ViewConfig.from_keys(self.hparams, others="ignore", prefix="")
         self._check_arguments()
         hp = self.hparams
         common = dict(
@@ -236,27 +155,17 @@ class EntityDataModule(L.LightningDataModule):
             keep_invisible_entities=bool(keep_invisible_entities),
             **common,
         )
-        self.test_views = test_view_config(
-            test_short_size,
-            test_max_size,
-            size_scale,
-            crop_delta,
-            test_crop_layout,
-            pixel_mean,
-            pixel_std,
-            test_crop_resize,
-        )
         self.collate = partial(collate_views, size_divisibility=hp.size_divisibility)
         self.datasets: dict[str, EntityViewsDataset] = {}
 
     def _check_arguments(self) -> None:
         hp = self.hparams
-        check_test_view_keys(hp)
         for key, allowed, what in (
             ("train_crop_layout", CROP_LAYOUTS, "crop layout"),
             ("train_crop_resize", CROP_RESIZE_MODES, "crop resize"),
             ("train_augmentation", AUGMENTATIONS, "augmentation"),
             ("resolution", (None, *RESOLUTIONS), "resolution"),
+            ("photometric", (None, *PHOTOMETRIC_PIPELINES), "photometric pipeline"),
         ):
             if hp[key] not in allowed:
                 raise ConfigError(key, hp[key], f"unknown {what}; expected one of {allowed}")
@@ -386,7 +295,12 @@ class EntityDataModule(L.LightningDataModule):
                     )
                 records = kept
             self.datasets["train"] = EntityViewsDataset(
-                records, self.train_views, train=True, strict=hp.strict, seed=hp.seed
+                records,
+                self.train_views,
+                train=True,
+                strict=hp.strict,
+                seed=hp.seed,
+                photometric=hp.photometric,
             )
         if stage in (None, "fit", "validate") and "val" not in self.datasets:
             self.datasets["val"] = self._eval_dataset(hp.val_json, hp.val_images)
@@ -426,19 +340,6 @@ class EntityDataModule(L.LightningDataModule):
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _three_numbers(values: object) -> bool:
-    return (
-        isinstance(values, Sequence)
-        and not isinstance(values, str)
-        and len(values) == 3
-        and all(_number(v) for v in values)
-    )
 
 
 def _as_paths(value: object) -> list[str] | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from entityseg.config import UserError
 
-class EntityDataError(ValueError):
+
+class EntityDataError(UserError):
     """A file or annotation that cannot be used, e.g. ``a.json: annotation 7: empty polygon``.
 
     The message is always one line, so that a skip logged during training and a failure in

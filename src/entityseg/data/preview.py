@@ -18,7 +18,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from entityseg.config import CONFIG_DIR, instantiate_checked
+from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.transforms import denormalize
 from entityseg.viz import draw_boxes, overlay_masks
 
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exits_on_config_error
 def main(cfg: DictConfig) -> None:
     datamodule = instantiate_checked(cfg.data, "data")
     datamodule.prepare_data()

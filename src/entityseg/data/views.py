@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from entityseg.config import ConfigError
 from entityseg.data.coco_entity import EntityImage, iter_entity_masks, read_entity_image
 from entityseg.data.crops import Box, check_image_size, crop_and_resize, crop_boxes
 from entityseg.data.errors import EntityDataError
@@ -46,7 +48,14 @@ from entityseg.data.lsj import (
     lsj_resize_size,
     lsj_valid_size,
 )
-from entityseg.data.transforms import normalize, shortest_edge_size
+from entityseg.data.photometric import PHOTOMETRIC_PIPELINES, apply_photometric, build_photometric
+from entityseg.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize,
+    scaled_sizes,
+    shortest_edge_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +95,120 @@ class ViewConfig:
     #: ``crop_views`` only: ``lsj`` drops empty entities as the release's LSJ mapper does
     keep_invisible_entities: bool = False
 
+    #: The ``data`` config's keys that make the test views, with the release's recipe as the
+    #: value of a key left out: what a training checkpoint stores
+    #: (``entityseg.models.checkpoint.VIEWS_KEY``), what ``predict``, ``evaluate`` and
+    #: ``EntitySegmenter`` take (:meth:`from_keys`, :meth:`to_keys`).
+    TEST_KEYS: ClassVar[dict[str, Any]] = {
+        "test_short_size": 800,
+        "test_max_size": 1333,
+        "size_scale": 1.0,
+        "crop_delta": 0.7,
+        "test_crop_layout": "fixed4",
+        "test_crop_resize": "same",
+        "pixel_mean": list(IMAGENET_MEAN),
+        "pixel_std": list(IMAGENET_STD),
+    }
+
+    @classmethod
+    def from_keys(
+        cls, keys: Mapping[str, Any], others: str = "refuse", prefix: str = "data."
+    ) -> ViewConfig:
+        """Test views from the ``data`` config's test keys (:attr:`TEST_KEYS`; sizes times
+        ``size_scale``), checked once: a bad value raises :class:`ConfigError` naming the key
+        (``prefix`` + key). ``others="ignore"`` takes a whole ``data`` config (its training
+        keys are left alone); ``"refuse"`` raises on a key that is not a test key."""
+        if others == "refuse":
+            for key in keys:
+                if key not in cls.TEST_KEYS:
+                    raise ConfigError(
+                        f"{prefix}{key}",
+                        keys[key],
+                        f"unknown test-view key; expected one of {list(cls.TEST_KEYS)}",
+                    )
+        values = {**cls.TEST_KEYS, **cls.test_keys_of(keys)}
+        _check_test_keys(values, prefix)
+        scale = values["size_scale"]
+        return cls(
+            short_sizes=tuple(scaled_sizes([values["test_short_size"]], scale)),
+            max_size=scaled_sizes([values["test_max_size"]], scale)[0],
+            crop_layout=values["test_crop_layout"],
+            crop_delta=float(values["crop_delta"]),
+            flip_prob=0.0,
+            pixel_mean=tuple(float(v) for v in values["pixel_mean"]),
+            pixel_std=tuple(float(v) for v in values["pixel_std"]),
+            crop_resize=values["test_crop_resize"],
+        )
+
+    @classmethod
+    def test_keys_of(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The test keys a ``data`` config (or a data module's ``hparams``) sets, as json
+        values (sequences as lists): what a training checkpoint stores, as configured."""
+        keys = {key: data[key] for key in cls.TEST_KEYS if key in data}
+        for key in ("pixel_mean", "pixel_std"):
+            if isinstance(keys.get(key), Sequence) and not isinstance(keys[key], str):
+                keys[key] = list(keys[key])
+        return keys
+
+    def to_keys(self) -> dict[str, Any]:
+        """The test keys that make these views again, as json values (``size_scale`` 1: the
+        sizes as they are)."""
+        return {
+            "test_short_size": self.short_sizes[0],
+            "test_max_size": self.max_size,
+            "size_scale": 1.0,
+            "crop_delta": self.crop_delta,
+            "test_crop_layout": self.crop_layout,
+            "test_crop_resize": self.crop_resize,
+            "pixel_mean": list(self.pixel_mean),
+            "pixel_std": list(self.pixel_std),
+        }
+
 
 CROP_RESIZE_MODES = ("same", "own")
+#: Test-time crop layouts: all their crops are used (``random`` is for training only).
+TEST_CROP_LAYOUTS = ("fixed4", "fixed8", "grid")
+
+
+def _check_test_keys(keys: Mapping[str, Any], prefix: str) -> None:
+    """Raise :class:`ConfigError` naming the key (``prefix`` + key) of a test-view value that
+    cannot work (``keys`` has every test key)."""
+    for key in ("test_short_size", "test_max_size"):
+        if not (_is_int(keys[key]) and keys[key] > 0):
+            raise ConfigError(f"{prefix}{key}", keys[key], "must be a positive integer")
+    if not (_is_number(keys["size_scale"]) and keys["size_scale"] > 0):
+        raise ConfigError(f"{prefix}size_scale", keys["size_scale"], "must be > 0")
+    delta = keys["crop_delta"]
+    if not (_is_number(delta) and 0 < delta <= 1):  # every test crop has the one ratio
+        raise ConfigError(f"{prefix}crop_delta", delta, "must be in (0, 1]")
+    for key, allowed, what in (
+        ("test_crop_layout", TEST_CROP_LAYOUTS, "crop layout"),
+        ("test_crop_resize", CROP_RESIZE_MODES, "crop resize"),
+    ):
+        if keys[key] not in allowed:
+            raise ConfigError(
+                f"{prefix}{key}", keys[key], f"unknown {what}; expected one of {allowed}"
+            )
+    for key in ("pixel_mean", "pixel_std"):
+        values = keys[key]
+        three = (
+            isinstance(values, Sequence)
+            and not isinstance(values, str)
+            and len(values) == 3
+            and all(_is_number(v) for v in values)
+        )
+        if not three or (key == "pixel_std" and min(values) <= 0):
+            raise ConfigError(f"{prefix}{key}", values, "mean and std need 3 values, std > 0")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 AUGMENTATIONS = ("crop_views", "lsj")
 
 #: Batches are zero-padded at the bottom and right to a multiple of this (the release's 32).
@@ -121,7 +242,10 @@ class EntityViewsDataset(Dataset):
     view (:func:`lsj_sample`). Entities that no view shows (too small at this scale, or cut
     away) are left out of the targets unless ``keep_invisible_entities`` and counted in
     ``stats["entity_not_visible"]``. An unreadable image is logged and replaced by the next
-    one (counted in the sample's ``num_skipped``) unless ``strict``.
+    one (counted in the sample's ``num_skipped``) unless ``strict``. ``photometric``: the name
+    of a photometric pipeline (:mod:`.photometric`, training only) applied once to the full
+    image before its views are cut, drawn from a child of the sample's generator (so the
+    geometric draws are the same with and without it); ``None``: off.
 
     Evaluation (``train=False``): the first short size, all boxes of the layout, no flip, no
     targets; any bad image raises, since skipping it would change the metric.
@@ -140,9 +264,15 @@ class EntityViewsDataset(Dataset):
         train: bool,
         strict: bool = False,
         seed: int = 0,
+        photometric: str | None = None,
     ) -> None:
         if not records:
             raise ValueError("no images to make views of")
+        if photometric is not None and (not train or photometric not in PHOTOMETRIC_PIPELINES):
+            raise ValueError(
+                f"photometric={photometric!r}: expected None, or at training one of "
+                f"{PHOTOMETRIC_PIPELINES}"
+            )
         if views.crop_resize not in CROP_RESIZE_MODES:
             raise ValueError(
                 f"crop_resize={views.crop_resize!r}: expected one of {CROP_RESIZE_MODES}"
@@ -156,6 +286,8 @@ class EntityViewsDataset(Dataset):
         self.train = train
         self.strict = strict
         self.seed = seed
+        self.photometric = photometric
+        self._photometric = None if photometric is None else build_photometric(photometric)
         self.stats: Counter = Counter()
 
     def __len__(self) -> int:
@@ -191,6 +323,9 @@ class EntityViewsDataset(Dataset):
         """A training sample: the random draws here, the making in ``*_sample``."""
         cfg = self.views
         image = segmentable(read_entity_image(record), record.path)
+        if self._photometric is not None:  # one draw for every view; spawning a child keeps
+            # the geometric draws below the same as without it
+            image = apply_photometric(self._photometric, image, rng.spawn(1)[0])
         height, width = image.shape[:2]
         masks = iter_entity_masks(record, strict=self.strict, stats=self.stats)
         if cfg.augmentation == "lsj":  # the release's draw order: flip, scale, crop offset

@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from entityseg.config import ConfigError
+from entityseg.models.outputs import CropFormerOutput
 
 #: Eager passes before a capture: they compile Triton kernels, pick cuDNN / cuBLAS algorithms
 #: and warm the caching allocator, none of which may happen during the capture.
@@ -41,14 +41,14 @@ class CudaGraphForward:
             raise ValueError(f"max_graphs={max_graphs} must be >= 1")
         self.net = net
         self.max_graphs = max_graphs
-        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]] = (
-            OrderedDict()
-        )
+        self._graphs: OrderedDict[
+            tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, CropFormerOutput]
+        ] = OrderedDict()
         self.captures = 0  # graphs captured so far (evicted ones included)
 
     def __call__(
         self, images: torch.Tensor, batch_level: bool = True, view_chunk: int | None = None
-    ) -> dict:
+    ) -> CropFormerOutput:
         if images.device.type != "cuda":
             return self.net(images, batch_level=batch_level, view_chunk=view_chunk)
         if self.net.training:
@@ -79,7 +79,7 @@ class CudaGraphForward:
 
     def _capture(
         self, images: torch.Tensor, batch_level: bool, view_chunk: int | None
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]:
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, CropFormerOutput]:
         static_images = images.clone()
         side = torch.cuda.Stream(device=images.device)
         side.wait_stream(torch.cuda.current_stream(images.device))
@@ -94,15 +94,8 @@ class CudaGraphForward:
         return graph, static_images, outputs
 
 
-def check_cuda_graphs(enabled: object) -> None:
-    """Raise :class:`ConfigError` on an ``inference.cuda_graphs`` that is not a boolean."""
-    if not isinstance(enabled, bool):
-        raise ConfigError("inference.cuda_graphs", enabled, "must be true or false")
-
-
 def graphed(net: nn.Module, enabled: bool, device: torch.device) -> nn.Module | CudaGraphForward:
     """``net`` behind a :class:`CudaGraphForward` when ``enabled`` on a CUDA device, else
     ``net`` itself (``inference.cuda_graphs`` has no effect on the CPU). Make it once per run:
     the wrapper's cache is what saves the captures."""
-    check_cuda_graphs(enabled)
     return CudaGraphForward(net) if enabled and torch.device(device).type == "cuda" else net

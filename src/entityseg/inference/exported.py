@@ -40,16 +40,18 @@ import torch
 
 from entityseg.data.views import SIZE_DIVISIBILITY, ViewConfig
 from entityseg.models.checkpoint import load_error_reason
+from entityseg.models.outputs import TUPLE_NAMES, CropFormerOutput, DecoderOutput
 
 log = logging.getLogger(__name__)
 
 #: ``mode`` of an exported file: the image-level outputs only (Image-O, also Mask2Former), or
 #: both levels, which serve every Table 7 mode.
 EXPORT_MODES = ("image_o", "batch_oc")
-#: The graph's input and outputs (``batch_*`` only in ``batch_oc`` files).
+#: The graph's input and outputs (``batch_*`` only in ``batch_oc`` files), in the order of
+#: ``CropFormerOutput.to_tuple`` (:data:`~entityseg.models.outputs.TUPLE_NAMES`).
 INPUT_NAME = "views"
-IMAGE_OUTPUTS = ("image_logits", "image_masks")
-BATCH_OUTPUTS = ("batch_logits", "batch_masks")
+IMAGE_OUTPUTS = TUPLE_NAMES[:2]
+BATCH_OUTPUTS = TUPLE_NAMES[2:]
 #: Prefix of the metadata keys (ONNX ``metadata_props``, the ``.pt2``'s extra file's keys).
 METADATA_PREFIX = "entityseg."
 #: The extra file of a ``.pt2`` that holds the metadata (json).
@@ -149,8 +151,8 @@ class _ViewsNetwork:
 
     def __call__(
         self, images: torch.Tensor, batch_level: bool = True, view_chunk: int | None = None
-    ) -> dict:
-        """``images [N, V, 3, H, W]`` -> ``{"image": outputs, "batch": outputs or None}``.
+    ) -> CropFormerOutput:
+        """``images [N, V, 3, H, W]`` -> :class:`~entityseg.models.outputs.CropFormerOutput`.
 
         As ``CropFormer.forward``: ``logits [N, V, Q, 2]``, ``masks [N, V, Q, H/4, W/4]``,
         ``aux`` empty (no deep-supervision outputs are exported); ``batch`` is None for
@@ -164,13 +166,12 @@ class _ViewsNetwork:
         n, v = images.shape[:2]
         if not self.has_batch_decoder:  # views are independent: one run for all of them
             logits, masks = self.run_views(images.flatten(0, 1).contiguous())
-            image = {"logits": logits.unflatten(0, (n, v)), "masks": masks.unflatten(0, (n, v))}
-            return {"image": {**image, "aux": []}, "batch": None}
+            return CropFormerOutput(
+                DecoderOutput(logits.unflatten(0, (n, v)), masks.unflatten(0, (n, v)))
+            )
         per_image = [self.run_views(views.contiguous()) for views in images]
-        outputs = {"image": _stacked(per_image, 0), "batch": None}
-        if batch_level:
-            outputs["batch"] = _stacked(per_image, len(IMAGE_OUTPUTS))
-        return outputs
+        batch = _stacked(per_image, len(IMAGE_OUTPUTS)) if batch_level else None
+        return CropFormerOutput(_stacked(per_image, 0), batch)
 
 
 def _check_input(images: torch.Tensor) -> None:
@@ -190,11 +191,11 @@ def _check_input(images: torch.Tensor) -> None:
         )
 
 
-def _stacked(per_image: list[list[torch.Tensor]], first: int) -> dict:
+def _stacked(per_image: list[list[torch.Tensor]], first: int) -> DecoderOutput:
     """One decoder's ``logits`` and ``masks`` of every image, stacked on a new image axis."""
     logits = torch.stack([outputs[first] for outputs in per_image])  # [N, V, Q, 2]
     masks = torch.stack([outputs[first + 1] for outputs in per_image])  # [N, V, Q, h, w]
-    return {"logits": logits, "masks": masks, "aux": []}
+    return DecoderOutput(logits, masks)
 
 
 class OnnxNetwork(_ViewsNetwork):

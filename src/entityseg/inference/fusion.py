@@ -2,8 +2,8 @@
 
 Modes (``mode``):
   * ``image_o``: the image-level decoder on the full image I^O only (view 0 of
-    ``outputs["image"]``), the single-scale Mask2Former row.
-  * ``batch_o``: the batch-level decoder, full-image masks only (view 0 of ``outputs["batch"]``).
+    ``outputs.image``), the single-scale Mask2Former row.
+  * ``batch_o``: the batch-level decoder, full-image masks only (view 0 of ``outputs.batch``).
   * ``batch_c``: the batch-level decoder, crop masks I^C only (views 1..), pasted back into the
     original image; pixels no crop covers get probability 0 from them.
   * ``batch_oc``: the batch-level decoder, full image and crops (CropFormer as released).
@@ -65,16 +65,13 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from entityseg.data.coco_entity import ImageInput, rgb_image
+from entityseg.inference.settings import InferenceSettings, check_mode
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
 from entityseg.viz import draw_boxes, id_map_from_rles, overlay_id_map
-
-#: The inference modes of Table 7.
-INFERENCE_MODES = ("image_o", "batch_o", "batch_c", "batch_oc")
 
 #: Foreground threshold on the fused mask probability U^m.
 MASK_THRESHOLD = 0.5
 
-#: ``compat`` values: our fusion, or the release's scores, order and empty masks.
-COMPAT_MODES = ("entityseg", "release")
 
 #: The network's masks are at stride 4 of the padded input.
 MASK_STRIDE = 4
@@ -188,14 +185,8 @@ class Entities:
         return draw_boxes(picture, self.crop_boxes.tolist()) if boxes else picture
 
 
-def check_mode(mode: str) -> None:
-    """Raise ``ValueError`` for a mode that is not one of :data:`INFERENCE_MODES`."""
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"unknown inference mode {mode!r}; expected one of {INFERENCE_MODES}")
-
-
 def decoder_for_mode(mode: str) -> str:
-    """Key of ``outputs`` a mode reads: ``"image"`` for ``image_o``, else ``"batch"``."""
+    """The decoder a mode reads: ``"image"`` for ``image_o``, else ``"batch"``."""
     check_mode(mode)
     return "image" if mode == "image_o" else "batch"
 
@@ -213,31 +204,29 @@ def views_for_mode(mode: str, num_views: int) -> list[int]:
 
 
 def fuse_entities(
-    outputs: dict,
+    outputs: CropFormerOutput,
     crop_boxes: torch.Tensor,
     image_sizes: torch.Tensor,
     orig_sizes: torch.Tensor,
     mode: str,
-    max_entities: int = 100,
-    overlapping: bool = False,
-    query_chunk: int = 16,
-    compat: str = "entityseg",
+    settings: InferenceSettings | None = None,
 ) -> list[Entities]:
     """Entities of every image of a batch, in original image coordinates (one per image).
 
-    ``outputs``: the model's ``{"image": {...}, "batch": {...} or None}`` with ``logits``
-    [N, V, Q, 2] and ``masks`` [N, V, Q, h', w'] (stride-4 logits of the padded input);
+    ``outputs``: the model's :class:`~entityseg.models.outputs.CropFormerOutput`, whose
+    decoders' ``logits`` are [N, V, Q, 2] and ``masks`` [N, V, Q, h', w'] (stride-4 logits of
+    the padded input);
     ``crop_boxes`` float[N, V, 4] (x0, y0, x1, y1) in original pixels, view 0 = whole image;
     ``image_sizes`` long[N, 2] (or [N, V, 2]) the valid (h, w) of the views in the network input;
     ``orig_sizes`` long[N, 2] (H, W). Outputs may be on any device; results are on the CPU.
-    ``compat="release"``: the release's scores and order (see the module docstring).
+    ``settings``: ``max_entities``, ``overlapping``, ``query_chunk`` and ``compat``
+    (``release``: the release's scores and order, see the module docstring); default
+    :class:`~entityseg.inference.settings.InferenceSettings`'s.
     """
     check_mode(mode)
-    check_compat(compat, overlapping)
-    if max_entities < 0 or query_chunk < 1:
-        raise ValueError(f"max_entities={max_entities} must be >= 0, query_chunk >= 1")
+    settings = settings or InferenceSettings()
     prediction = _decoder_outputs(outputs, mode)
-    logits, masks = prediction["logits"], prediction["masks"]  # [N, V, Q, 2], [N, V, Q, h', w']
+    logits, masks = prediction.logits, prediction.masks  # [N, V, Q, 2], [N, V, Q, h', w']
     num_images, num_views = masks.shape[:2]
     views = views_for_mode(mode, num_views)
     if crop_boxes.shape[0] != num_images or crop_boxes.shape[1] <= views[-1]:
@@ -250,21 +239,10 @@ def fuse_entities(
             [tuple(crop_boxes[n, v].tolist()) for v in views],
             [valid_sizes[n][v] for v in views],
             tuple(int(s) for s in orig_sizes[n].tolist()),
-            max_entities=max_entities,
-            overlapping=overlapping,
-            query_chunk=query_chunk,
-            compat=compat,
+            settings,
         )
         for n in range(num_images)
     ]
-
-
-def check_compat(compat: str, overlapping: bool = False) -> None:
-    """Raise ``ValueError`` for an unknown ``compat`` or one that cannot overlap."""
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"unknown compat {compat!r}; expected one of {COMPAT_MODES}")
-    if compat == "release" and overlapping:
-        raise ValueError("compat='release' has non-overlapping entities only (overlapping=false)")
 
 
 def fuse_image_entities(
@@ -273,16 +251,15 @@ def fuse_image_entities(
     boxes: Sequence[Sequence[float]],
     valid_sizes: Sequence[tuple[int, int]],
     orig_size: tuple[int, int],
-    max_entities: int = 100,
-    overlapping: bool = False,
-    query_chunk: int = 16,
-    compat: str = "entityseg",
+    settings: InferenceSettings | None = None,
 ) -> Entities:
     """Entities of one image from the views it uses.
 
     ``entity_logits`` [Q, 2]; ``view_masks`` [V', Q, h', w'] of the used views; ``boxes`` and
-    ``valid_sizes`` one per used view.
+    ``valid_sizes`` one per used view; ``settings`` as :func:`fuse_entities` takes them.
     """
+    settings = settings or InferenceSettings()
+    overlapping, query_chunk = settings.overlapping, settings.query_chunk
     num_queries = view_masks.shape[1]
     if num_queries > torch.iinfo(torch.int16).max:
         raise ValueError(f"{num_queries} queries do not fit the int16 entity-id map")
@@ -296,7 +273,7 @@ def fuse_image_entities(
     chunks = _fused_chunks(
         view_masks, paint_order, pixel_boxes, valid_sizes, orig_size, coverage, query_chunk
     )
-    release = compat == "release"
+    release = settings.fusion_compat == "release"
     if overlapping:
         areas, prob_sums, rles = _overlapping_masks(chunks, num_queries, view_masks.device)
     else:
@@ -308,7 +285,7 @@ def fuse_image_entities(
         kept = paint_order.flip(0)
     else:
         scores = (entity_probs.double() * prob_sums / areas.clamp(min=1)).float()
-        kept = _top_entities(scores, areas, max_entities)  # long[K], descending score
+        kept = _top_entities(scores, areas, settings.max_entities)  # long[K], descending score
     if not overlapping:
         rles = _encode_id_map(id_map, kept.tolist())
     return Entities(
@@ -372,13 +349,12 @@ def _encode_fortran(mask: np.ndarray) -> dict:
     return rle
 
 
-def _decoder_outputs(outputs: dict, mode: str) -> dict:
+def _decoder_outputs(outputs: CropFormerOutput, mode: str) -> DecoderOutput:
     """The decoder outputs a mode reads, with a clear error when the model has no batch level."""
-    key = decoder_for_mode(mode)
-    prediction = outputs.get(key)
+    prediction = outputs.image if decoder_for_mode(mode) == "image" else outputs.batch
     if prediction is None:
         raise ValueError(
-            f"mode {mode!r} needs the batch-level decoder, but outputs['batch'] is None "
+            f"mode {mode!r} needs the batch-level decoder, but outputs.batch is None "
             "(a Mask2Former baseline, or the model ran with batch_level=False); use 'image_o'"
         )
     return prediction

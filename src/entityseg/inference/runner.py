@@ -5,7 +5,7 @@ Shared by ``python -m entityseg.evaluate`` (all Table 7 modes, AP^e) and
 ``image_o`` runs the image decoder on the full view only (what a single-scale Mask2Former
 costs), the ``batch_*`` modes run the whole network over all views (what CropFormer costs).
 
-``inference.precision`` (:data:`PRECISIONS`): ``fp32``, or ``bf16``: the network runs under
+``inference.precision``: ``fp32``, or ``bf16``: the network runs under
 ``torch.autocast(dtype=torch.bfloat16)`` (:func:`inference_precision`, also used by the
 LightningModule's validation) and :func:`fuse_modes` casts its outputs back to float32, so the
 fusion is the same code in both.
@@ -22,9 +22,10 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from entityseg.config import ConfigError
 from entityseg.data.views import SIZE_DIVISIBILITY
 from entityseg.inference.fusion import Entities, fuse_entities
+from entityseg.inference.settings import InferenceSettings
+from entityseg.models.outputs import CropFormerOutput
 
 
 @dataclass
@@ -35,62 +36,25 @@ class ModeResults:
     forward_ms: list[float] = field(default_factory=list)
 
 
-#: ``inference.precision`` -> the autocast dtype of the network (None: no autocast, float32).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def check_precision(precision: str) -> None:
-    """Raise :class:`ConfigError` on an ``inference.precision`` that is not fp32 or bf16."""
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            "inference.precision", precision, f"is unknown; expected one of {list(PRECISIONS)}"
-        )
-
-
 @contextmanager
-def inference_precision(device: torch.device | str, precision: str = "fp32") -> Iterator[None]:
-    """Run the network in ``precision``: bf16 autocast on ``device``'s type, or float32.
+def inference_precision(device: torch.device | str, settings: InferenceSettings) -> Iterator[None]:
+    """Run the network in ``settings.precision``: bf16 autocast on ``device``'s type, or
+    float32.
 
     ``fp32`` turns autocast off, so validation under ``trainer.precision=bf16-mixed`` is float32
     too: inference runs in ``inference.precision``, whatever the training precision.
     """
-    check_precision(precision)
-    dtype = PRECISIONS[precision]
+    dtype = settings.autocast_dtype
     with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         yield
 
 
-def resolve_view_chunk(view_chunk: int | str | None, device: torch.device | str) -> int | None:
-    """``inference.view_chunk`` as ``CropFormer.forward`` takes it, or a :class:`ConfigError`.
-
-    ``auto``: one view at a time on the CPU, where the views' activations dominate the peak
-    memory and a bigger batch gains little speed; all views at once on a GPU, where each extra
-    pass costs thousands of kernel launches. An integer >= 1 or null (all) is used as given.
-    """
-    if view_chunk == "auto":
-        return 1 if torch.device(device).type == "cpu" else None
-    if view_chunk is None or (type(view_chunk) is int and view_chunk >= 1):
-        return view_chunk
-    raise ConfigError("inference.view_chunk", view_chunk, "must be auto, null or an integer >= 1")
-
-
-def float_outputs(outputs: dict) -> dict:
-    """The final ``logits`` and ``masks`` of both decoders in float32 (bf16 under autocast)."""
-
-    def as_float(prediction: dict | None) -> dict | None:
-        if prediction is None:
-            return None
-        return {k: v.float() if k in ("logits", "masks") else v for k, v in prediction.items()}
-
-    return {key: as_float(prediction) for key, prediction in outputs.items()}
-
-
 def timed_forward(
-    net: nn.Module | Callable[..., dict],
+    net: nn.Module | Callable[..., CropFormerOutput],
     images: torch.Tensor,
     batch_level: bool,
     view_chunk: int | None = None,
-) -> tuple[dict, float]:
+) -> tuple[CropFormerOutput, float]:
     """``net(images)`` and its wall time in ms (synchronised on CUDA)."""
     if images.device.type == "cuda":
         torch.cuda.synchronize(images.device)
@@ -102,23 +66,20 @@ def timed_forward(
 
 
 def fuse_modes(
-    outputs: dict,
+    outputs: CropFormerOutput,
     batch: dict,
     modes: Sequence[str],
-    max_entities: int = 100,
-    overlapping: bool = False,
-    query_chunk: int = 16,
+    settings: InferenceSettings,
     views: int | None = None,
-    compat: str = "entityseg",
 ) -> dict[str, list[Entities]]:
     """Entities of every image of a collated batch, per mode, from one forward's outputs.
 
     ``views`` limits the batch's crop boxes to the first views, when the network saw only those.
-    Outputs of any float dtype are fused in float32. ``compat="release"`` reproduces the
-    release's scores and order (``inference.fusion``). Each image's entities carry the batch's
-    crop boxes of that image (``Entities.crop_boxes``), whichever views the mode fused.
+    Outputs of any float dtype are fused in float32, as ``settings`` say
+    (:func:`~entityseg.inference.fusion.fuse_entities`). Each image's entities carry the
+    batch's crop boxes of that image (``Entities.crop_boxes``), whichever views the mode fused.
     """
-    outputs = float_outputs(outputs)
+    outputs = outputs.float()  # float32 logits and masks (bf16 under autocast)
     image_sizes = batch["image_sizes"]
     if image_sizes.dim() == 3:  # a valid size per view
         image_sizes = image_sizes[:, :views]
@@ -129,10 +90,7 @@ def fuse_modes(
             image_sizes,
             batch["orig_sizes"],
             mode,
-            max_entities=max_entities,
-            overlapping=overlapping,
-            query_chunk=query_chunk,
-            compat=compat,
+            settings,
         )
         for mode in modes
     }
@@ -161,24 +119,20 @@ def _views_input(batch: dict, views: int | None) -> torch.Tensor:
 
 
 def infer_batch(
-    net: nn.Module | Callable[..., dict],
+    net: nn.Module | Callable[..., CropFormerOutput],
     batch: dict,
     modes: Sequence[str],
     device: torch.device,
-    max_entities: int = 100,
-    overlapping: bool = False,
-    query_chunk: int = 16,
-    precision: str = "fp32",
-    compat: str = "entityseg",
-    view_chunk: int | None = None,
+    settings: InferenceSettings,
 ) -> tuple[dict[str, list[Entities]], dict[str, float]]:
     """Entities of every image of one collated test batch, per mode, and the forward time (ms)
     per image of each mode: the one inference step of ``evaluate``, ``predict`` and validation.
 
     Image-O runs the network on the full view alone (the single-scale baseline, as released);
-    the batch modes share one forward of all views. ``view_chunk`` must be resolved
-    (:func:`resolve_view_chunk`); the other settings are those of :func:`run_modes`.
+    the batch modes share one forward of all views. ``settings``: precision, views at once
+    and the fusion's settings.
     """
+    view_chunk = settings.views_at_once(device)
     passes = []  # (modes, views used, batch decoder)
     if "image_o" in modes:  # the single-scale baseline sees the full view only
         passes.append((["image_o"], 1, False))
@@ -188,55 +142,31 @@ def infer_batch(
     forward_ms: dict[str, float] = {}
     for pass_modes, views, batch_level in passes:
         images = _views_input(batch, views).to(device)
-        with inference_precision(device, precision):
+        with inference_precision(device, settings):
             outputs, ms = timed_forward(net, images, batch_level, view_chunk)
-        entities.update(
-            fuse_modes(
-                outputs, batch, pass_modes, max_entities, overlapping, query_chunk, views, compat
-            )
-        )
+        entities.update(fuse_modes(outputs, batch, pass_modes, settings, views))
         forward_ms.update({mode: ms / images.shape[0] for mode in pass_modes})
     return entities, forward_ms
 
 
 @torch.inference_mode()
 def run_modes(
-    net: nn.Module | Callable[..., dict],
+    net: nn.Module | Callable[..., CropFormerOutput],
     batches: Iterable[dict],
     modes: Sequence[str],
     device: torch.device,
-    max_entities: int = 100,
-    overlapping: bool = False,
-    query_chunk: int = 16,
+    settings: InferenceSettings,
     description: str = "inference",
     show_progress: bool = True,
-    precision: str = "fp32",
-    compat: str = "entityseg",
-    view_chunk: int | str | None = None,
 ) -> dict[str, ModeResults]:
     """Entities per mode for every image of ``batches`` (collated test batches).
 
     ``net``: the network, or its :class:`~entityseg.inference.cuda_graphs.CudaGraphForward`
-    (``inference.cuda_graphs``). ``precision``: ``fp32`` or ``bf16``
-    (:func:`inference_precision`); ``compat``: see :func:`fuse_modes`; ``view_chunk``: views
-    through the backbone at once (``CropFormer``; ``auto``: :func:`resolve_view_chunk`).
+    (``inference.cuda_graphs``); ``settings``: as :func:`infer_batch` takes them.
     """
-    check_precision(precision)
-    view_chunk = resolve_view_chunk(view_chunk, device)
     results = {mode: ModeResults() for mode in modes}
     for batch in track(batches, description=description) if show_progress else batches:
-        fused, forward_ms = infer_batch(
-            net,
-            batch,
-            modes,
-            device,
-            max_entities,
-            overlapping,
-            query_chunk,
-            precision,
-            compat,
-            view_chunk,
-        )
+        fused, forward_ms = infer_batch(net, batch, modes, device, settings)
         for mode in modes:
             results[mode].forward_ms.extend([forward_ms[mode]] * len(fused[mode]))
             for image_id, entities in zip(batch["image_ids"].tolist(), fused[mode], strict=True):

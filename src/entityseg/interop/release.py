@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import codecs
 import collections
+import dataclasses
 import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import yaml
 
+from entityseg.data.views import ViewConfig
 from entityseg.models.checkpoint import (
     LIGHTNING_PREFIX,
     NET_CONFIG_KEY,
@@ -651,27 +653,32 @@ def convert_release(
     }
 
 
-def release_data_overrides(test_views: Mapping | None) -> dict:
-    """``data`` keys that make the test views the release's (``inference.compat=release``).
-
-    With a converted checkpoint's stored settings (:func:`test_views_from_release`) the sizes,
-    crops and normalisation are the release config's; without, only the crops' sizing changes.
-    """
-    overrides: dict[str, Any] = {"test_crop_resize": "own"}
-    if test_views is None:
-        return overrides
+def release_view_keys(test_views: Mapping) -> dict:
+    """The test-view keys (``ViewConfig.TEST_KEYS``) of a converted release checkpoint's
+    stored test settings (:func:`test_views_from_release`): the release config's sizes, crops
+    and normalisation. How its crop views are sized is :func:`release_sized`'s to decide."""
     if test_views["num_crops"] not in (0, 4) or test_views["crop_stride"] != 0.6:
         raise ReleaseConversionError(
             f"release test crops {test_views['num_crops']} at stride {test_views['crop_stride']}:"
             " only the released 4 crops on the 0.6-stride grid (fixed4) are reproduced"
         )
-    overrides.update(
-        test_short_size=test_views["short_size"],
-        test_max_size=test_views["max_size"],
-        size_scale=1.0,
-        crop_delta=test_views["crop_delta"],
-        test_crop_layout="fixed4",
-        pixel_mean=list(test_views["pixel_mean"]),
-        pixel_std=list(test_views["pixel_std"]),
-    )
-    return overrides
+    return {
+        "test_short_size": test_views["short_size"],
+        "test_max_size": test_views["max_size"],
+        "size_scale": 1.0,
+        "crop_delta": test_views["crop_delta"],
+        "test_crop_layout": "fixed4",
+        "pixel_mean": list(test_views["pixel_mean"]),
+        "pixel_std": list(test_views["pixel_std"]),
+    }
+
+
+def release_sized(views: ViewConfig) -> ViewConfig:
+    """``views`` with their crops sized as the release sizes them at test time, under
+    ``inference.compat=release``: each crop view resized by its own shortest edge, its long
+    side uncapped, so a crop view can be larger than the full view (``crop_resize="own"``).
+
+    The one place that decides the release's test-view sizing; an explicit
+    ``test_crop_resize`` given by a user is applied after it.
+    """
+    return dataclasses.replace(views, crop_resize="own")

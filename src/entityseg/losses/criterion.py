@@ -1,4 +1,9 @@
-"""CropFormer's training loss L = 0.5 L_i + 1.0 L_b (image level + batch level).
+"""CropFormer's training loss, the paper's equation (7): L = 0.5 L_i + 1.0 L_b as released.
+
+:meth:`CropFormerCriterion.losses` writes equation (7) out: the sum over the levels k in
+{i, b} (image level, batch level) of CE + BCE + Dice, over every decoder layer's prediction
+(deep supervision), with the term weights and the level weights. :class:`ImageLevelLoss` and
+:class:`BatchLevelLoss` give one prediction's three terms L_k^ce, L_k^bce, L_k^dice.
 
 Each level matches queries to ground truth (:mod:`entityseg.losses.matcher`), then supervises
 the entity scores U^e with a 2-way cross-entropy over all queries (matched -> entity, the rest
@@ -29,8 +34,12 @@ from torch import Tensor, nn
 
 from entityseg.losses.matcher import HungarianMatcher
 from entityseg.losses.point_sampling import dense_points, point_sample, uncertain_points
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
 
 ENTITY, NO_ENTITY = 0, 1
+#: The three terms of equation (7), in the order of :meth:`ImageLevelLoss.terms` and
+#: :meth:`BatchLevelLoss.terms`.
+TERMS = ("ce", "bce", "dice")
 
 
 def sigmoid_bce_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -56,7 +65,11 @@ def num_target_masks(count: int, device: torch.device) -> Tensor:
 
 
 class _SetLoss(nn.Module):
-    """What both levels share: weights, matcher, weighted CE and point-sampled mask losses."""
+    """What both levels share: weights, matcher, weighted CE and point-sampled mask losses.
+
+    ``level`` names the level in the loss keys (``"image"``, ``"batch"``); ``weights`` are the
+    weights of the :data:`TERMS` (class, mask, dice).
+    """
 
     level = ""
 
@@ -141,23 +154,20 @@ class _SetLoss(nn.Module):
         blocks = [(targets[n][v]["masks"], rows) for n, v, _, rows in picks]
         return self.mask_losses(masks[images, views, queries], blocks)  # [K, h, w]
 
+    @property
+    def weights(self) -> list[float]:
+        """The weights of the :data:`TERMS`: class (CE), mask (BCE), dice."""
+        return [self.class_weight, self.mask_weight, self.dice_weight]
+
     def num_masks(self, targets: list[list[dict]], device: torch.device) -> Tensor:
         """The mask-loss normaliser of this level (shared by the final and aux predictions)."""
         raise NotImplementedError
 
-    def terms(self, prediction: dict, targets: list[list[dict]], num_masks: Tensor) -> Tensor:
-        """Unweighted (CE, BCE, Dice) of one prediction -> [3]."""
+    def terms(
+        self, prediction: DecoderOutput, targets: list[list[dict]], num_masks: Tensor
+    ) -> Tensor:
+        """Unweighted (CE, BCE, Dice) of one prediction (its final tensors) -> [3]."""
         raise NotImplementedError
-
-    def forward(self, prediction: dict, targets: list[list[dict]]) -> dict[str, Tensor]:
-        """Weighted CE / BCE / Dice, each summed over the final and the aux predictions."""
-        device = prediction["logits"].device
-        num_masks = self.num_masks(targets, device)
-        weights = [self.class_weight, self.mask_weight, self.dice_weight]
-        weights = torch.tensor(weights, device=device)
-        predictions = [prediction, *(prediction.get("aux") or [])]
-        total = sum(self.terms(p, targets, num_masks) for p in predictions) * weights  # [3]
-        return {f"{self.level}/{name}": total[i] for i, name in enumerate(("ce", "bce", "dice"))}
 
 
 class ImageLevelLoss(_SetLoss):
@@ -172,8 +182,10 @@ class ImageLevelLoss(_SetLoss):
         visible = sum(int(t["masks"].flatten(1).any(1).sum()) for views in targets for t in views)
         return num_target_masks(visible, device)
 
-    def terms(self, prediction: dict, targets: list[list[dict]], num_masks: Tensor) -> Tensor:
-        logits, masks = prediction["logits"], prediction["masks"]  # [N, V, Q, 2], [N, V, Q, h, w]
+    def terms(
+        self, prediction: DecoderOutput, targets: list[list[dict]], num_masks: Tensor
+    ) -> Tensor:
+        logits, masks = prediction.logits, prediction.masks  # [N, V, Q, 2], [N, V, Q, h, w]
         matches = self.matcher.match_image_level(logits, masks, targets)
         matched = torch.zeros(logits.shape[:3], dtype=torch.bool, device=logits.device)
         picks = []  # (n, v, query indices, target rows) of every matched pair
@@ -199,8 +211,10 @@ class BatchLevelLoss(_SetLoss):
     def num_masks(self, targets: list[list[dict]], device: torch.device) -> Tensor:
         return num_target_masks(sum(int(views[0]["masks"].shape[0]) for views in targets), device)
 
-    def terms(self, prediction: dict, targets: list[list[dict]], num_masks: Tensor) -> Tensor:
-        logits, masks = prediction["logits"], prediction["masks"]  # [N, V, Q, 2], [N, V, Q, h, w]
+    def terms(
+        self, prediction: DecoderOutput, targets: list[list[dict]], num_masks: Tensor
+    ) -> Tensor:
+        logits, masks = prediction.logits, prediction.masks  # [N, V, Q, 2], [N, V, Q, h, w]
         matches = self.matcher.match_batch_level(logits, masks, targets)
         matched = torch.zeros(logits[:, 0].shape[:2], dtype=torch.bool, device=logits.device)
         picks = []  # each matched entity in every view (its empty views included)
@@ -216,13 +230,14 @@ class BatchLevelLoss(_SetLoss):
 class CropFormerCriterion(nn.Module):
     """L = image_level_weight * L_i + batch_level_weight * L_b (0.5 and 1.0 as released).
 
-    ``forward(outputs, targets)``: ``outputs["image"]`` and ``outputs["batch"]`` are
-    ``{"logits": [N, V, Q, 2], "masks": [N, V, Q, h, w], "aux": [...]}``; ``targets[n][v]`` is
+    ``forward(outputs, targets)``: ``outputs`` the network's
+    :class:`~entityseg.models.outputs.CropFormerOutput` (``image`` and ``batch``, each with
+    ``logits [N, V, Q, 2]``, ``masks [N, V, Q, h, w]`` and ``aux``); ``targets[n][v]`` is
     ``{"masks": bool[M, H, W], "ids": long[M]}`` with H, W = 4h, 4w. Returns ``"loss"`` and the
     weighted terms ``"image/ce"``, ``"image/bce"``, ``"image/dice"``, ``"batch/ce"``,
-    ``"batch/bce"``, ``"batch/dice"``. Without a batch decoder (``outputs["batch"]`` None,
-    the Mask2Former baseline) there are no batch terms and ``loss`` is the image-level sum at
-    full weight, not scaled by ``image_level_weight``.
+    ``"batch/bce"``, ``"batch/dice"`` (:meth:`losses`, equation (7)). Without a batch decoder
+    (``outputs.batch`` None, the Mask2Former baseline) there are no batch terms and ``loss`` is
+    the image-level sum at full weight, not scaled by ``image_level_weight``.
     """
 
     def __init__(
@@ -254,17 +269,46 @@ class CropFormerCriterion(nn.Module):
         self.image_level_weight = image_level_weight
         self.batch_level_weight = batch_level_weight
 
-    def forward(self, outputs: dict, targets: list[list[dict]]) -> dict[str, Tensor]:
-        device_type = outputs["image"]["logits"].device.type
+    def forward(self, outputs: CropFormerOutput, targets: list[list[dict]]) -> dict[str, Tensor]:
+        device_type = outputs.image.logits.device.type
         with torch.autocast(device_type, enabled=False):  # float32 losses under bf16-mixed
-            return self._losses(outputs, targets)
+            return self.losses(outputs, targets)
 
-    def _losses(self, outputs: dict, targets: list[list[dict]]) -> dict[str, Tensor]:
-        losses = self.image_level(outputs["image"], targets)
-        image_total = sum(losses.values())
-        if outputs.get("batch") is None:
-            return {"loss": image_total, **losses}
-        losses.update(self.batch_level(outputs["batch"], targets))
-        batch_total = sum(v for k, v in losses.items() if k.startswith("batch/"))
-        total = self.image_level_weight * image_total + self.batch_level_weight * batch_total
+    def losses(self, outputs: CropFormerOutput, targets: list[list[dict]]) -> dict[str, Tensor]:
+        """Equation (7) of the paper, with deep supervision and the released weights.
+
+        The paper's L = sum over k in {i, b} of L_k^ce(U_k^e, G_k^e) + L_k^bce(U_k^m, G_k^m) +
+        L_k^dice(U_k^m, G_k^m), as trained::
+
+            L   = w_i L_i + w_b L_b                          w_i = 0.5, w_b = 1.0
+            L_k = sum over layers l of  lambda_ce   L_k^ce(U_k^e[l], G_k^e)
+                                      + lambda_bce  L_k^bce(U_k^m[l], G_k^m)
+                                      + lambda_dice L_k^dice(U_k^m[l], G_k^m)
+
+        with lambda_ce, lambda_bce, lambda_dice = ``class_weight``, ``mask_weight``,
+        ``dice_weight`` (2, 5, 5), w_i, w_b = ``image_level_weight``, ``batch_level_weight``;
+        the layers l are the final prediction and every ``aux`` one (deep supervision), each
+        matched on its own (:meth:`ImageLevelLoss.terms`, :meth:`BatchLevelLoss.terms`). G_i:
+        the entities visible in each view, G_b: every entity in all views. Without the batch
+        level (Mask2Former) L = L_i at full weight.
+
+        Returns ``"loss"`` (L) and the weighted ``"<level>/<term>"`` sums over the layers.
+        """
+        levels = [(self.image_level, outputs.image)]
+        if outputs.batch is not None:
+            levels.append((self.batch_level, outputs.batch))
+        losses, level_sums = {}, []
+        for loss, output in levels:  # k in {i, b}
+            device = output.logits.device
+            num_masks = loss.num_masks(targets, device)
+            weights = torch.tensor(loss.weights, device=device)
+            layers = [output, *output.aux]  # deep supervision: final, then earlier layers
+            weighted = sum(loss.terms(p, targets, num_masks) for p in layers) * weights  # [3]
+            terms = {f"{loss.level}/{name}": weighted[i] for i, name in enumerate(TERMS)}
+            losses.update(terms)
+            level_sums.append(sum(terms.values()))  # L_k: CE + BCE + Dice
+        if outputs.batch is None:  # the Mask2Former baseline: L_i at full weight
+            return {"loss": level_sums[0], **losses}
+        image_sum, batch_sum = level_sums
+        total = self.image_level_weight * image_sum + self.batch_level_weight * batch_sum
         return {"loss": total, **losses}

@@ -20,6 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from entityseg.losses.point_sampling import dense_points, point_sample
+from entityseg.models.outputs import DecoderOutput
 
 #: (query indices, target indices), long tensors of equal length.
 Match = tuple[Tensor, Tensor]
@@ -173,11 +174,12 @@ class HungarianMatcher(nn.Module):
         ]
 
     def forward(
-        self, prediction: dict, targets: list[list[dict]], level: str = "image"
+        self, prediction: DecoderOutput, targets: list[list[dict]], level: str = "image"
     ) -> list[list[Match]] | list[Match]:
-        """Match one prediction ``{"logits", "masks"}``; ``level`` is "image" or "batch"."""
+        """Match one prediction (its final ``logits`` and ``masks``); ``level`` is "image" or
+        "batch"."""
         if level == "image":
-            return self.match_image_level(prediction["logits"], prediction["masks"], targets)
+            return self.match_image_level(prediction.logits, prediction.masks, targets)
         if level == "batch":
-            return self.match_batch_level(prediction["logits"], prediction["masks"], targets)
+            return self.match_batch_level(prediction.logits, prediction.masks, targets)
         raise ValueError(f"level must be 'image' or 'batch', got {level!r}")

@@ -25,6 +25,49 @@ def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x if pos is None else x + pos
 
 
+#: Which of ``nn.MultiheadAttention``'s packed input projections (``in_proj_weight`` and
+#: ``in_proj_bias``, three blocks of C rows) :func:`in_projection` applies.
+QUERY, KEY, VALUE = 0, 1, 2
+
+
+def in_projection(attn: nn.MultiheadAttention, x: torch.Tensor, which: int) -> torch.Tensor:
+    """One of ``attn``'s input projections, split into heads: ``[B, L, C]`` -> ``[B, heads, L,
+    C/heads]``.
+
+    ``which``: :data:`QUERY`, :data:`KEY` or :data:`VALUE`, the rows ``which*C:(which+1)*C`` of
+    ``attn.in_proj_weight`` and ``attn.in_proj_bias`` (W x + b).
+    """
+    heads, dim = attn.num_heads, attn.embed_dim
+    weight = attn.in_proj_weight.chunk(3)[which]
+    bias = attn.in_proj_bias.chunk(3)[which]
+    return F.linear(x, weight, bias).unflatten(-1, (heads, dim // heads)).transpose(1, 2)
+
+
+def projected_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,  # [B, heads, Lq, C/heads]
+    key: torch.Tensor,  # [B, heads, S, C/heads]
+    value: torch.Tensor,  # [B, heads, S, C/heads]
+    blocked: torch.Tensor | None = None,  # [B, Lq, S] bool, True = may not attend
+) -> torch.Tensor:
+    """``attn``'s attention of already projected heads (:func:`in_projection`), then its output
+    projection: ``[B, Lq, C]``.
+
+    ``blocked`` is shared by all heads (broadcast, not copied). Every row must leave
+    something to attend to (the masked-attention rule "an empty mask attends everywhere"
+    guarantees it).
+    """
+    allowed = None if blocked is None else ~blocked[:, None]  # [B, 1, Lq, S]
+    out = F.scaled_dot_product_attention(  # [B, heads, Lq, C/heads]
+        query,
+        key,
+        value,
+        attn_mask=allowed,
+        dropout_p=attn.dropout if attn.training else 0.0,
+    )
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
 def multihead_attention(
     attn: nn.MultiheadAttention,
     query: torch.Tensor,  # [B, Lq, C]
@@ -33,29 +76,15 @@ def multihead_attention(
     blocked: torch.Tensor | None = None,  # [B, Lq, S] bool, True = may not attend
 ) -> torch.Tensor:
     """``attn(query, key, value, attn_mask=blocked repeated per head)[0]`` through
-    scaled_dot_product_attention.
-
-    ``blocked`` is shared by all heads (broadcast, not copied). Every row must leave
-    something to attend to (the masked-attention rule "an empty mask attends everywhere"
-    guarantees it).
+    scaled_dot_product_attention: the input projections, then :func:`projected_attention`.
     """
-    batch, length, dim = query.shape
-    heads = attn.num_heads
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
-
-    def split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, bias).unflatten(-1, (heads, dim // heads)).transpose(1, 2)
-
-    allowed = None if blocked is None else ~blocked[:, None]  # [B, 1, Lq, S]
-    out = F.scaled_dot_product_attention(  # [B, heads, Lq, C/heads]
-        split(query, w_q, b_q),
-        split(key, w_k, b_k),
-        split(value, w_v, b_v),
-        attn_mask=allowed,
-        dropout_p=attn.dropout if attn.training else 0.0,
+    return projected_attention(
+        attn,
+        in_projection(attn, query, QUERY),
+        in_projection(attn, key, KEY),
+        in_projection(attn, value, VALUE),
+        blocked,
     )
-    return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class _AttentionBlock(nn.Module):
@@ -78,7 +107,44 @@ class _AttentionBlock(nn.Module):
 
 
 class CrossAttentionLayer(_AttentionBlock):
-    """Queries attend to memory (image tokens, or other queries in the association module)."""
+    """Queries attend to memory (image tokens, or other queries in the association module).
+
+    ``forward`` = :meth:`attend` on :meth:`project_query`, :meth:`project_key` and
+    :meth:`project_value`, the three input projections, which the association module names
+    f_q, f_k and f_v.
+    """
+
+    def project_query(
+        self,
+        queries: torch.Tensor,  # [B, Q, C]
+        query_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """W_q (queries + query_pos) + b_q in heads ``[B, heads, Q, C/heads]`` (the queries
+        LayerNorm'd first with ``pre_norm``)."""
+        return in_projection(self.attn, _with_pos(self._normed_input(queries), query_pos), QUERY)
+
+    def project_key(
+        self,
+        memory: torch.Tensor,  # [B, S, C]
+        memory_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """W_k (memory + memory_pos) + b_k in heads ``[B, heads, S, C/heads]``."""
+        return in_projection(self.attn, _with_pos(memory, memory_pos), KEY)
+
+    def project_value(self, memory: torch.Tensor) -> torch.Tensor:
+        """W_v memory + b_v in heads ``[B, heads, S, C/heads]`` (no position term)."""
+        return in_projection(self.attn, memory, VALUE)
+
+    def attend(
+        self,
+        queries: torch.Tensor,  # [B, Q, C], the residual
+        query: torch.Tensor,  # [B, heads, Q, C/heads], project_query
+        key: torch.Tensor,  # [B, heads, S, C/heads], project_key
+        value: torch.Tensor,  # [B, heads, S, C/heads], project_value
+        attn_mask: torch.Tensor | None = None,  # [B, Q, S], True = may not attend
+    ) -> torch.Tensor:
+        """Attention of the projected heads, output projection, dropout, residual, LayerNorm."""
+        return self._residual(queries, projected_attention(self.attn, query, key, value, attn_mask))
 
     def forward(
         self,
@@ -88,11 +154,13 @@ class CrossAttentionLayer(_AttentionBlock):
         memory_pos: torch.Tensor | None = None,
         query_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self._normed_input(queries)
-        out = multihead_attention(
-            self.attn, _with_pos(x, query_pos), _with_pos(memory, memory_pos), memory, attn_mask
+        return self.attend(
+            queries,
+            self.project_query(queries, query_pos),
+            self.project_key(memory, memory_pos),
+            self.project_value(memory),
+            attn_mask,
         )
-        return self._residual(queries, out)
 
 
 class SelfAttentionLayer(_AttentionBlock):

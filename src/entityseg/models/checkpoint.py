@@ -5,7 +5,8 @@ the network's weights under ``state_dict`` (``net.<name>``) and its ``CropFormer
 under :data:`NET_CONFIG_KEY`, so :func:`build_network` rebuilds the right network from the file
 alone; older files or plain state dicts fall back to the ``model.net`` config. The test-time
 views are stored too: a training checkpoint's under :data:`VIEWS_KEY` (the ``data`` config's
-test keys), a converted one's under :data:`TEST_VIEWS_KEY` (the release config's test settings).
+test keys), a converted one's under :data:`TEST_VIEWS_KEY` (the release config's test settings);
+and a training checkpoint's inference settings under :data:`INFERENCE_KEY`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from entityseg.config import UserError
 from entityseg.models.cropformer import CropFormer
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,14 @@ NET_CONFIG_KEY = "entityseg_net"
 #: Checkpoint key of the release's test-time view settings (converted checkpoints only).
 TEST_VIEWS_KEY = "entityseg_release_test_views"
 #: Checkpoint key of the test-time views a training run validated with: the ``data`` config's
-#: test keys (``entityseg.data.datamodule.TEST_VIEW_KEYS``), written by the LightningModule.
+#: test keys (``entityseg.data.views.ViewConfig.TEST_KEYS``), written by the LightningModule.
 VIEWS_KEY = "entityseg_test_views"
+#: Checkpoint key of the inference settings a training run validated with
+#: (``entityseg.inference.settings.InferenceSettings.to_dict``), written by the LightningModule.
+INFERENCE_KEY = "entityseg_inference"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that is not a checkpoint entityseg can use, or that does not fit the network."""
 
 

@@ -1,10 +1,12 @@
 """CropFormer: backbone -> pixel decoder -> image decoder (+ association -> batch decoder).
 
 Input I ``[N, V, 3, H, W]``: view 0 the full image I^O, views 1.. its crops I^C, normalised and
-zero-padded by the data pipeline (``entityseg.data``). All N x V views go through the backbone,
-the pixel decoder and the image-level decoder independently (E_i ``[N, V, Q, C]``); the
-association module turns them into batch queries Q_b, which the batch-level decoder decodes over
-all views of an image at once.
+zero-padded by the data pipeline (``entityseg.data``). All N x V views go through the backbone
+and the pixel decoder (Theta(I)) and the image-level decoder Phi_i independently (E_i
+``[N, V, Q, C]``, ``image_decoder.py``); the association module turns them into batch queries
+Q_b (``association.py``), which the batch-level decoder Phi_b decodes over all views of an
+image at once (``batch_decoder.py``). The output is a
+:class:`~entityseg.models.outputs.CropFormerOutput`.
 
 With ``association.enabled=false`` the model is the single-scale Mask2Former baseline (Image-O);
 ``forward(images, batch_level=False)`` skips the batch path of a CropFormer.
@@ -20,7 +22,8 @@ from torch import nn
 from entityseg.models.association import AssociationModule
 from entityseg.models.backbone import TimmBackbone
 from entityseg.models.batch_decoder import decode_batch
-from entityseg.models.image_decoder import DecoderPrediction, MaskedAttentionDecoder
+from entityseg.models.image_decoder import MaskedAttentionDecoder, image_level_output
+from entityseg.models.outputs import CropFormerOutput, DecoderOutput
 from entityseg.models.pixel_decoder import MSDeformAttnPixelDecoder
 
 
@@ -87,26 +90,28 @@ class CropFormer(nn.Module):
 
     def forward(
         self, images: torch.Tensor, batch_level: bool = True, view_chunk: int | None = None
-    ) -> dict:
-        """``images [N, V, 3, H, W]`` -> ``{"image": outputs, "batch": outputs or None}``.
+    ) -> CropFormerOutput:
+        """``images [N, V, 3, H, W]`` -> :class:`CropFormerOutput` (``image``, ``batch``).
 
         ``view_chunk``: run the backbone and the pixel decoder on this many of the N x V views
         at a time (each view is independent there), so that their activations, which dominate
         the peak memory of inference on many large views, exist for a few views only. The
         result is the same (to float rounding); None runs all views at once.
 
-        Each outputs dict has ``logits [N, V, Q, 2]``, ``masks [N, V, Q, H/4, W/4]`` (the final
-        prediction) and ``aux``: the earlier predictions (deep supervision), oldest first. The
-        batch decoder's logits are one score per query, repeated for every view.
+        Each :class:`~entityseg.models.outputs.DecoderOutput` has ``logits [N, V, Q, 2]``,
+        ``masks [N, V, Q, H/4, W/4]`` (the final prediction) and ``aux``: the earlier
+        predictions (deep supervision), oldest first. The batch decoder's logits are one score
+        per query, repeated for every view. ``batch`` is None without the batch-level path
+        (the Mask2Former baseline) or with ``batch_level=False``.
         """
         n, v = images.shape[:2]
         mask_features, multi_scale = self._pixel_features(images.flatten(0, 1), view_chunk)
         image_predictions, view_queries = self.image_decoder(multi_scale, mask_features)
-        outputs = {"image": _as_outputs(image_predictions, n, v), "batch": None}
-        if batch_level and self.has_batch_decoder:
-            batch_predictions = self.batch_level(view_queries, multi_scale, mask_features, v)
-            outputs["batch"] = _as_outputs(batch_predictions, n, v, batch_level=True)
-        return outputs
+        image = image_level_output(image_predictions, n)
+        if not (batch_level and self.has_batch_decoder):
+            return CropFormerOutput(image)
+        batch = self.batch_level(view_queries, multi_scale, mask_features, v)
+        return CropFormerOutput(image, batch)
 
     def batch_level(
         self,
@@ -114,11 +119,12 @@ class CropFormer(nn.Module):
         multi_scale: list[torch.Tensor],
         mask_features: torch.Tensor,
         views: int,
-    ) -> list[DecoderPrediction]:
-        """Association + batch decoder on the image decoder's outputs.
+    ) -> DecoderOutput:
+        """Association (Q_b) + batch decoder (E_b, U_b^e, U_b^m) on the image decoder's outputs.
 
         ``view_queries`` E_i ``[N*V, Q, C]``, ``multi_scale`` and ``mask_features`` of the
-        N x V views (views of an image adjacent). Returns the batch decoder's predictions.
+        N x V views (views of an image adjacent). Returns the batch decoder's predictions in
+        every view (:func:`~entityseg.models.batch_decoder.decode_batch`).
         """
         decoder = self.batch_decoder or self.image_decoder
         batch_queries = self.association(  # Q_b [N, Q, C]
@@ -139,27 +145,3 @@ class CropFormer(nn.Module):
         mask_features = torch.cat([mask for mask, _ in parts])
         levels = [torch.cat(level) for level in zip(*(memory for _, memory in parts), strict=True)]
         return mask_features, levels
-
-
-def _as_outputs(
-    predictions: list[DecoderPrediction], n: int, v: int, batch_level: bool = False
-) -> dict:
-    """Predictions of one decoder in the ``[N, V, Q, ...]`` layout of the loss and inference.
-
-    In eval mode the ``aux`` entries have ``logits`` only (no intermediate masks are made).
-    """
-
-    def layout(p: DecoderPrediction) -> dict:
-        if batch_level:  # logits [N, Q, 2] -> one score per query in every view
-            out = {"logits": p.logits[:, None].expand(-1, v, -1, -1)}
-            if p.masks is not None:  # [N, Q, V, h, w]
-                out["masks"] = p.masks.transpose(1, 2)
-        else:  # [N*V, Q, 2], [N*V, Q, h, w]
-            out = {"logits": p.logits.reshape(n, v, *p.logits.shape[1:])}
-            if p.masks is not None:
-                out["masks"] = p.masks.reshape(n, v, *p.masks.shape[1:])
-        return out
-
-    final = layout(predictions[-1])
-    final["aux"] = [layout(p) for p in predictions[:-1]]
-    return final

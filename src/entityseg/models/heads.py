@@ -1,8 +1,9 @@
 """Prediction heads: entity scores U^e and mask logits U^m from decoder queries.
 
-Shared by the image-level and the batch-level decoder (as released): a LayerNorm on the query
-embeddings, a 2-way linear classifier (entity, no-entity) and a 3-layer MLP whose output is
-dotted with the pixel decoder's mask features.
+The paper's U_k^e, U_k^m = PredHead_k(E_k, P_k^h), k in {i, b}. Shared by the image-level and
+the batch-level decoder (as released): a LayerNorm on the query embeddings E_k, a 2-way linear
+classifier (entity, no-entity) giving U^e, and a 3-layer MLP whose output is dotted with the
+pixel decoder's mask features P^h giving U^m (:class:`MaskLogits`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
 """Image-level decoder: Mask2Former's masked-attention transformer decoder (queries Q_i).
 
-Every view of every image is decoded independently: the N x V views are folded into the batch.
-Learnable query features (Q_i) and query position embeddings go through ``num_layers`` layers of
-cross-attention (masked by the previous prediction, cycling over the three pixel-decoder scales
-coarsest first) -> self-attention -> FFN. A prediction (U_i^e, U_i^m) is made on the learnable
-queries and after every layer: ``num_layers + 1`` predictions, all deep-supervised.
+The paper's E_i = Phi_i(Q_i, Theta(I)) and U_i^e, U_i^m = PredHead_i(E_i, P_i^h): every view of
+every image (I^O and its crops I^C) is decoded independently, the N x V views folded into the
+batch. Learnable query features (Q_i) and query position embeddings go through ``num_layers``
+layers of cross-attention (masked by the previous prediction, cycling over the three
+pixel-decoder scales Theta(I) coarsest first) -> self-attention -> FFN, giving E_i. A prediction
+(U_i^e, U_i^m; PredHead_i is :class:`~entityseg.models.heads.EntityHeads` with the pixel
+decoder's mask features P_i^h) is made on the learnable queries and after every layer:
+``num_layers + 1`` predictions, all deep-supervised (the L_i terms of equation (7)).
+:func:`image_level_output` puts them in the ``[N, V, Q, ...]`` layout of
+:class:`~entityseg.models.outputs.DecoderOutput`.
 
-The layers, heads and level embeddings are reused by the batch-level decoder
+The layers, heads and level embeddings are reused by the batch-level decoder Phi_b
 (``batch_decoder.py``), as in the release.
 """
 
@@ -19,6 +24,7 @@ from torch import nn
 
 from entityseg.models.attention_layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from entityseg.models.heads import EntityHeads, MaskLogits, attention_mask
+from entityseg.models.outputs import DecoderOutput
 from entityseg.models.position_encoding import sine_position_2d
 
 NUM_LEVELS = 3
@@ -26,7 +32,12 @@ NUM_LEVELS = 3
 
 @dataclass
 class DecoderPrediction:
-    """One prediction of a decoder: entity logits and mask logits (stride 4).
+    """One layer's raw prediction, as :meth:`MaskedAttentionDecoder.run_layers` makes it.
+
+    The decoder's own batch layout ``[B, Q, ...]``: B = N x V views for the image-level decoder,
+    B = N images for the batch-level one. :func:`image_level_output` and
+    :func:`entityseg.models.batch_decoder.broadcast_to_views` turn it into the ``[N, V, Q, ...]``
+    layout of :class:`~entityseg.models.outputs.DecoderOutput`.
 
     ``masks`` is None for the intermediate predictions at inference (eval mode), where only the
     final masks are used: the attention masks come from :meth:`MaskLogits.at_level`.
@@ -34,6 +45,22 @@ class DecoderPrediction:
 
     logits: torch.Tensor  # [B, Q, 2]
     masks: torch.Tensor | None  # [B, Q, h, w] (image level) or [B, Q, V, h, w] (batch level)
+
+
+def image_level_output(predictions: list[DecoderPrediction], images: int) -> DecoderOutput:
+    """The image-level decoder's predictions in the ``[N, V, Q, ...]`` layout: U_i^e, U_i^m.
+
+    ``predictions``: the ``num_layers + 1`` predictions of :meth:`MaskedAttentionDecoder.forward`
+    on N x V views (views of an image adjacent), logits ``[N*V, Q, 2]``, masks
+    ``[N*V, Q, h, w]``; ``images``: N. The views are unfolded from the batch (a view, no copy).
+    """
+
+    def unfold(p: DecoderPrediction) -> DecoderOutput:
+        logits = p.logits.reshape(images, -1, *p.logits.shape[1:])  # [N, V, Q, 2]
+        masks = None if p.masks is None else p.masks.reshape(images, -1, *p.masks.shape[1:])
+        return DecoderOutput(logits, masks)
+
+    return DecoderOutput.from_layers([unfold(p) for p in predictions])
 
 
 class MaskedAttentionDecoder(nn.Module):
