@@ -302,7 +302,7 @@ def segmenter_from_config(
     ``settings``: ``cfg.inference`` as the caller read it already (None: read here).
     """
     settings = settings or InferenceSettings.from_config(cfg.inference)
-    data_keys = {key: cfg.data[key] for key in ViewConfig.TEST_KEYS if key in cfg.data}
+    data_keys = ViewConfig.test_keys_of(cfg.data)
     given = command_line_keys("data") & set(ViewConfig.TEST_KEYS)
     try:
         return EntitySegmenter.from_checkpoint(
@@ -335,8 +335,7 @@ def stored_view_keys(checkpoint: Mapping) -> dict | None:
     crop sizing is left to ``compat`` (:func:`~entityseg.interop.release.release_sized`).
     """
     if checkpoint.get(VIEWS_KEY) is not None:
-        stored = checkpoint[VIEWS_KEY]
-        return {key: stored[key] for key in ViewConfig.TEST_KEYS if key in stored}
+        return ViewConfig.test_keys_of(checkpoint[VIEWS_KEY])
     if checkpoint.get(TEST_VIEWS_KEY) is not None:
         return release_view_keys(checkpoint[TEST_VIEWS_KEY])
     return None
@@ -364,8 +363,7 @@ def _resolve_view_keys(
 def _as_view_keys(views: Views) -> dict:
     if isinstance(views, ViewConfig):
         return views.to_keys()
-    if isinstance(views, Mapping):
-        ViewConfig.from_keys(views)  # an unknown key or a bad value: at once, named
+    if isinstance(views, Mapping):  # checked with the overrides (ViewConfig.from_keys)
         return dict(views)
     raise ConfigError("views", views, "must be a ViewConfig or a dict of test-view keys")
 

@@ -127,7 +127,8 @@ class InferenceSettings:
                 self.precision,
                 f"is unknown; expected one of {list(PRECISIONS)}",
             )
-        self.torch_device()  # a device torch cannot read fails here, not at the first image
+        if self.device != "auto":  # a device torch cannot read fails here, not at the first image
+            self.torch_device()
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any], **changes: Any) -> InferenceSettings:
@@ -140,8 +141,6 @@ class InferenceSettings:
                 raise ConfigError(
                     f"inference.{key}", values[key], f"unknown setting; expected one of {known}"
                 )
-        if "modes" in values and values["modes"] is not None:
-            values["modes"] = tuple(values["modes"])
         return cls(**values)
 
     @classmethod
