@@ -45,6 +45,7 @@ def test_view_chunk_auto_is_one_view_on_cpu_and_all_on_gpu():
         ("mode", "batch", "unknown inference mode"),
         ("modes", ["image_o", "x"], "unknown inference mode"),
         ("modes", [], "must list at least one mode"),
+        ("modes", "image_o", "must be a list of modes"),
         ("max_entities", 1.5, "must be an integer >= 0"),
         ("overlapping", "yes", "must be true or false"),
         ("cuda_graphs", "yes", "must be true or false"),
