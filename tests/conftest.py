@@ -8,11 +8,20 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import torch
+
+# No test reaches the real Hub or the user's Hub cache: huggingface_hub reads these when first
+# imported (tests of the Hub code serve one on the loopback: tests/hub_server.py)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="entityseg-tests-hf-")
+for _token in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    os.environ.pop(_token, None)
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

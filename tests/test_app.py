@@ -282,7 +282,7 @@ def test_app_settings_are_checked():
 
 def test_without_a_checkpoint_it_says_how_to_get_one(tmp_path):
     message = how_to_get_a_checkpoint(tmp_path)
-    assert "make demo" in message and "entityseg.convert_release" in message
+    assert "make demo" in message and "ckpt_path=cropformer_swin_tiny_3x" in message
     older = tmp_path / "demo/runs/1/checkpoints/last.ckpt"
     newer = tmp_path / "demo/runs/2/checkpoints/best.ckpt"
     for path in (older, newer):

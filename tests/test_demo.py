@@ -6,6 +6,7 @@ import json
 
 from conftest import cli_config
 from entityseg import demo
+from entityseg.hub.card import read_card_info
 from test_train import TINY_RUN
 
 MODES = ["image_o", "batch_o", "batch_c", "batch_oc"]
@@ -26,6 +27,14 @@ def test_demo_trains_evaluates_both_models_and_draws_them(tmp_path, capsys):
         assert (out / model / "table7.md").read_text().startswith("| Decoder | AP^e |")
     validation = sorted(p.stem for p in (tmp_path / "data/synthetic/val/images").iterdir())
     assert sorted(p.stem for p in (out / "pictures").glob("*.jpg")) == validation
+    # the model card training wrote beside its best checkpoint: the run's last evaluation
+    (card,) = (out / "checkpoints").glob("README.md")
+    rows = json.loads((out / "trained/table7.json").read_text())
+    card_info = read_card_info(card)
+    assert card_info.metrics == {  # the demo's own evaluation of the trained model
+        row["mode"]: {"ap": row["AP"], "ap50": row["AP50"], "ap75": row["AP75"]} for row in rows
+    }
+    assert card_info.recipe["experiment"] == "demo" and card_info.dataset == "synthetic"
     printed = capsys.readouterr().out
     assert "Trained (" in printed and "Untrained (same initialisation):" in printed
     assert [line.split(":")[0] for line in printed.splitlines() if "untrained ->" in line] == [

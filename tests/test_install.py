@@ -51,9 +51,12 @@ def installed(tmp_path_factory) -> Path:
     return root / "site"
 
 
-def run_installed(site: Path, cwd: Path, *command: str) -> subprocess.CompletedProcess:
-    """``command`` from ``cwd`` with the installed package first on the path."""
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+def run_installed(
+    site: Path, cwd: Path, *command: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``command`` from ``cwd`` with the installed package first on the path (``env``: more
+    environment variables)."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
     return subprocess.run(
         list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -123,3 +126,58 @@ def test_installed_commands_and_api_run_outside_the_checkout(installed, checkpoi
 
     converted = run_installed(installed, work, installed / "bin" / "entityseg-convert", "--help")
     assert converted.returncode == 0 and "release" in converted.stdout
+
+
+def test_installed_models_by_name_from_a_loopback_hub(installed, shared_data, tmp_path):
+    """From an empty folder with the wheel: a released model by name from a (loopback) Hub,
+    the gated error without a token, save_pretrained -> from_pretrained, and offline reuse."""
+    from entityseg import zoo
+    from hub_server import LoopbackHub
+
+    reference = shared_data / "official_reference/cropformer_hornet_tiny"
+    folder = f"{zoo.FOLDER}/CropFormer_hornet_3x"
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    photo = np.random.default_rng(0).integers(0, 255, (120, 170, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(work / "photo.png")
+    script = (
+        "import json, sys\n"
+        "from entityseg import EntitySegmenter\n"
+        "from entityseg.hub import HubError\n"
+        "if sys.argv[1] == 'save':  # no token yet: the gated repository's one line\n"
+        "    try:\n"
+        "        EntitySegmenter.from_pretrained('cropformer_hornet_3x')\n"
+        "    except HubError as err:\n"
+        "        print(err)\n"
+        "segmenter = EntitySegmenter.from_pretrained(\n"
+        "    'cropformer_hornet_3x', device='cpu', token=sys.argv[2] if sys.argv[2:] else None)\n"
+        "entities = segmenter('photo.png')\n"
+        "if sys.argv[1] == 'save':\n"
+        "    segmenter.save_pretrained('mine')\n"
+        "    again = EntitySegmenter.from_pretrained('mine', device='cpu')('photo.png')\n"
+        "    assert again.rles == entities.rles\n"
+        "print(json.dumps(entities.rles))\n"
+    )
+    with LoopbackHub() as hub:
+        files = {f"{folder}/CropFormer_hornet_3x_03823a.pth": reference / "model_final.pth",
+                 f"{folder}/config.yaml": reference / "config.yaml"}  # fmt: skip
+        hub.add_repo(zoo.REPO_ID, repo_type=zoo.REPO_TYPE, files=files, gated=True)
+        hub.tokens = {"hf_good"}
+        env = hub.env(tmp_path / "hf")
+        online = run_installed(
+            installed, work, sys.executable, "-c", script, "save", "hf_good", env=env
+        )
+        assert online.returncode == 0, online.stderr
+        (line,) = [x for x in online.stdout.splitlines() if "gated" in x]
+        assert zoo.REPO_ID in line and "hf auth login" in line
+    assert sorted(p.name for p in (work / "mine").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+    offline = run_installed(  # the hub is gone: the cache alone
+        installed, work, sys.executable, "-c", script, "load", env={**env, "HF_HUB_OFFLINE": "1"}
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.splitlines()[-1] == online.stdout.splitlines()[-1]
+    assert json.loads(online.stdout.splitlines()[-1])  # some entities

@@ -572,3 +572,20 @@ def test_parts_sharing_an_image_id_are_refused(entityseg_root):
     dm = entityseg_datamodule(entityseg_root)
     with pytest.raises(ConfigError, match=f"image id {new} is in both .*01_entity_train.json and"):
         dm.setup("fit")
+
+
+def test_mask2former_hornet_l_is_the_release_mask2former_hornet_3x():
+    """The one release config without a full dump here: its training yaml's keys
+    (mask2former_hornet_3x.yaml: MaskFormer, 200 queries, LSJ, 103,125 iterations, the base's
+    batch of 16) on the HorNet-L network of cropformer_hornet_l without the association."""
+    ours = compose_train("experiment=mask2former_hornet_l")
+    hornet = compose_train("experiment=cropformer_hornet_l")
+    net, cropformer = (OmegaConf.to_container(c.model.net, resolve=True) for c in (ours, hornet))
+    assert net["association"]["enabled"] is False
+    assert {k: v for k, v in net.items() if k != "association"} == {
+        k: v for k, v in cropformer.items() if k != "association"
+    }
+    assert net["decoder"]["num_queries"] == 200
+    assert ours.trainer.max_steps == 103125 and ours.data.global_batch_size == 16
+    assert ours.data.train_augmentation == "lsj" and ours.optimized_metric == "val/ap_image_o"
+    assert list(ours.model.optimizer.decayed_norms) == ["backbone"]

@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, collected_table, run_python
+from entityseg.hub.card import read_card_info
 from entityseg.training import train
 
 TINY_RUN = [
@@ -71,6 +72,8 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path):
     tune = [f"model.init_from={last}", f"paths.output_dir={tuned}", "trainer.max_steps=2"]
     train(config(tmp_path, *common, *tune))
     assert torch.load(tuned / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    card = read_card_info(tuned / "checkpoints")  # beside the checkpoint it describes
+    assert card.base_model == str(last) and card.recipe["steps"] == 2 and card.metrics == {}
 
 
 class NaNCriterion(torch.nn.Module):

@@ -3,6 +3,8 @@
 >>> from entityseg import EntitySegmenter
 >>> segmenter = EntitySegmenter.from_checkpoint("last.ckpt")
 >>> entities = segmenter("photo.jpg")  # Entities: rles, scores, masks(), to_id_map(), ...
+>>> segmenter = EntitySegmenter.from_pretrained("cropformer_hornet_3x")  # a released model
+>>> segmenter.save_pretrained("my-model")  # safetensors, config.json, model card
 
 ``predict``, ``evaluate``, the demo and the notebook infer through :class:`EntitySegmenter`, as
 a user does: views made by :func:`~entityseg.data.views.prediction_views`, batches by
@@ -29,7 +31,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +55,19 @@ from entityseg.models.checkpoint import (
     build_network,
     read_checkpoint,
 )
+from entityseg.models.pretrained import (
+    PRETRAINED_KEY,
+    STORED_SETTINGS,
+    is_pretrained_folder,
+    model_config,
+    read_model_config,
+    stored_network,
+    weights_file,
+    write_pretrained,
+)
+
+if TYPE_CHECKING:
+    from entityseg.hub.card import CardInfo
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +106,12 @@ class EntitySegmenter:
         (mode,) = self.usable_modes([settings.mode])
         self.settings = settings if mode == settings.mode else settings.replace(mode=mode)
         self._forward = graphed(self.net, settings.cuda_graphs, self.device)  # one graph cache
+        #: the weights' file (a checkpoint, or a model folder's safetensors), when loaded from one
+        self.checkpoint: Path | None = None
+        #: where the weights came from (a converted release file's Hub record, a checkpoint)
+        self.origin: dict[str, Any] = {}
+        #: the model card of the folder it was loaded from, kept by :meth:`save_pretrained`
+        self.card: CardInfo | None = None
 
     @classmethod
     def from_checkpoint(
@@ -144,7 +165,100 @@ class EntitySegmenter:
         if compile:
             net.compile_parts()
         log.info("%s: compat=%s, test views %s", path, settings.compat, test_views)
-        return cls(net, test_views, settings)
+        segmenter = cls(net, test_views, settings)
+        segmenter._remember_source(path, checkpoint)
+        return segmenter
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str | Path,
+        settings: InferenceSettings | None = None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        **overrides: Any,
+    ) -> EntitySegmenter:
+        """The segmenter of a released model by name, a model on the Hub, or a model folder.
+
+        ``name``: one of :data:`entityseg.zoo.NAMES` (``"cropformer_hornet_3x"``: downloaded
+        from the release's Hub repository and converted once, then cached), a Hub repository
+        ``"user/name"`` written by :meth:`push_to_hub`, or a local folder of
+        :meth:`save_pretrained` (a ``.ckpt`` works too). ``revision``, ``token`` and
+        ``cache_dir`` are ``huggingface_hub``'s (``HF_TOKEN``, ``hf auth login``,
+        ``HF_HUB_OFFLINE=1`` and ``HF_HOME`` apply). ``settings``: default, the inference
+        settings the model was saved with (its mode, fusion and compat); ``overrides`` as
+        :meth:`from_checkpoint`'s. Raises :class:`~entityseg.hub.HubError` (a
+        :class:`CheckpointError`) in one line when the model cannot be had: an unknown name,
+        a gated repository without access, offline with nothing cached, a download cut off.
+        """
+        from entityseg.hub import resolve_model
+
+        path = resolve_model(name, revision=revision, token=token, cache_dir=cache_dir)
+        if settings is None and is_pretrained_folder(path):
+            stored = read_model_config(path).get("inference", {})
+            settings = InferenceSettings(
+                **{k: v for k, v in stored.items() if k in STORED_SETTINGS}
+            )
+        return cls.from_checkpoint(path, settings, **overrides)
+
+    def save_pretrained(self, folder: str | Path, card: CardInfo | None = None) -> Path:
+        """Write this model as a folder anyone can open safely: ``model.safetensors`` (no
+        pickle), ``config.json`` (network, test views, compat, inference settings, the
+        entityseg version) and ``README.md``, a model card (``card``: default, the card of
+        the model it was loaded from, else one made from the network and, for a training
+        checkpoint, its run's recipe and last evaluation). :meth:`from_pretrained` loads it.
+        """
+        from entityseg.hub.card import write_model_card
+        from entityseg.hub.run_card import checkpoint_card
+
+        config = getattr(self.net, "config", None)
+        if config is None:
+            raise CheckpointError(
+                f"{type(self.net).__name__}: an exported network has no PyTorch weights to "
+                "save; save the segmenter of its checkpoint"
+            )
+        if (
+            self.checkpoint is not None
+            and Path(folder).resolve() == self.checkpoint.parent.resolve()
+        ):
+            raise CheckpointError(
+                f"{folder}: is the folder this model was loaded from; choose another one"
+            )
+        card = card or self.card or checkpoint_card(self.checkpoint, config, self.origin)
+        network = stored_network(config)
+        settings = self.settings.to_dict()
+        write_pretrained(
+            folder,
+            self.net.state_dict(),
+            model_config(network, self.views.to_keys(), settings, self.origin),
+        )
+        write_model_card(folder, card)
+        return Path(folder)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        card: CardInfo | None = None,
+        commit_message: str = "Upload entityseg model",
+    ) -> str:
+        """Upload this model to the Hub repository ``repo_id`` (created when missing, as a
+        model repository) in the format of :meth:`save_pretrained`, with ``huggingface_hub``'s
+        upload; returns the commit's URL. Anyone can then
+        ``EntitySegmenter.from_pretrained(repo_id)``."""
+        import tempfile
+
+        from entityseg.hub.repos import push_model_folder
+
+        with tempfile.TemporaryDirectory(prefix="entityseg-push-") as tmp:
+            self.save_pretrained(tmp, card)
+            return push_model_folder(
+                tmp, repo_id, private=private, token=token, commit_message=commit_message
+            )
 
     @classmethod
     def from_onnx(
@@ -254,7 +368,27 @@ class EntitySegmenter:
         views = self.views
         if view_changes:
             views = ViewConfig.from_keys({**views.to_keys(), **view_changes})
-        return EntitySegmenter(self.net, views, settings)
+        segmenter = EntitySegmenter(self.net, views, settings)
+        segmenter.checkpoint, segmenter.origin, segmenter.card = (
+            self.checkpoint,
+            self.origin,
+            self.card,
+        )
+        return segmenter
+
+    def _remember_source(self, path: str | Path, checkpoint: Mapping) -> None:
+        """Where this model's weights came from, for :meth:`save_pretrained`'s card and
+        ``predict``'s record of its run."""
+        self.checkpoint = weights_file(path)
+        if PRETRAINED_KEY in checkpoint:
+            self.origin = dict(checkpoint[PRETRAINED_KEY].get("source") or {})
+            from entityseg.hub.card import read_card_info
+
+            self.card = read_card_info(path)
+        elif checkpoint.get("entityseg_source"):  # converted from a release file
+            self.origin = {k: str(v) for k, v in checkpoint["entityseg_source"].items()}
+        else:
+            self.origin = {"checkpoint": str(Path(path).resolve())}
 
     def usable_modes(self, modes: Sequence[str]) -> list[str]:
         """``modes`` without those the network cannot run: a Mask2Former network (no batch
@@ -297,16 +431,20 @@ def segmenter_from_config(
     top (:func:`~entityseg.config.command_line_keys`; an experiment's or a data config's
     values do not count); a checkpoint that stores none takes the ``data`` config's, and one
     that stores no network configuration is loaded into ``model.net``. ``inference.compat:
-    null`` is the checkpoint's (``release`` for a converted release checkpoint). A file that
-    is missing or not a checkpoint raises :class:`CheckpointError` naming ``ckpt_path``.
+    null`` is the checkpoint's (``release`` for a converted release checkpoint). ``ckpt_path``
+    may name a released model or a Hub repository (:func:`entityseg.hub.resolve_model`). A
+    file that is missing or not a checkpoint, or a model the Hub does not give, raises
+    :class:`CheckpointError` naming ``ckpt_path``.
     ``settings``: ``cfg.inference`` as the caller read it already (None: read here).
     """
     settings = settings or InferenceSettings.from_config(cfg.inference)
     data_keys = ViewConfig.test_keys_of(cfg.data)
     given = command_line_keys("data") & set(ViewConfig.TEST_KEYS)
+    from entityseg.hub import resolve_model
+
     try:
         return EntitySegmenter.from_checkpoint(
-            cfg.ckpt_path,
+            resolve_model(cfg.ckpt_path),
             settings,
             default_views=data_keys,
             network=lambda: instantiate_checked(cfg.model.net, "model.net"),

@@ -10,6 +10,7 @@ object that does not pickle) removes its temporary file and raises the error.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,31 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 def save_atomically(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` through ``<path>.tmp`` and a rename (see the module)."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    write_atomically(path, save)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a file through ``<path>.tmp``: ``write`` writes the temporary file (given its
+    path), which is flushed to disk and renamed over ``path``; on any failure (Ctrl-C too) the
+    temporary file is removed and the error raised. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # interrupted too: no temporary file is left behind
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+    return path
 
 
 def fsync_folder(folder: Path) -> None:

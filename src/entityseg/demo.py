@@ -20,7 +20,8 @@ from entityseg.api import EntitySegmenter
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.evaluation.entity_ap import metrics_json
-from entityseg.evaluation.table7 import markdown_table, table_rows
+from entityseg.evaluation.table7 import flat_metrics, markdown_table, table_rows
+from entityseg.hub.card import card_beside, metrics_by_mode, refresh_card_metrics
 from entityseg.inference.settings import InferenceSettings
 from entityseg.training import train
 from entityseg.viz import compare_modes
@@ -68,6 +69,8 @@ def main(cfg: DictConfig) -> None:
     datamodule = instantiate_checked(cfg.data, "data", **trained.views.to_keys())
     datamodule.setup("validate")
     trained_rows, results = evaluate_net(trained, datamodule, out / "trained", "trained")
+    # the model card training wrote beside the checkpoint: this evaluation's AP^e
+    refresh_card_metrics(card_beside(best), metrics_by_mode(flat_metrics(trained_rows, "val")))
     untrained_rows, _ = evaluate_net(untrained, datamodule, out / "untrained", "untrained")
     save_pictures(results, datamodule, out / "pictures")
 

@@ -12,6 +12,9 @@ The images and annotations come from ``data``; the test views (sizes, crops, nor
 and ``inference.compat`` from the checkpoint, as :class:`~entityseg.api.EntitySegmenter` reads
 them: ``data.<test key>=...`` given on the command line (e.g. ``data.test_crop_layout=fixed8``)
 overrides the checkpoint's, and a checkpoint that stores no views takes the ``data`` config's.
+``ckpt_path`` may name a released model or a Hub repository (``ckpt_path=cropformer_hornet_3x``).
+``update_card=true`` puts this evaluation's AP^e into the model card beside the checkpoint (the
+``README.md`` training wrote beside it, or a model folder's).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from entityseg.api import segmenter_from_config
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.errors import EntityDataError
 from entityseg.evaluation.entity_ap import metrics_json
-from entityseg.evaluation.table7 import METRIC_KEYS, markdown_table, table_rows
+from entityseg.evaluation.table7 import flat_metrics, markdown_table, table_rows
+from entityseg.hub.card import card_beside, metrics_by_mode, refresh_card_metrics
+from entityseg.hub.run_card import dataset_name
 from entityseg.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -52,11 +57,16 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     rows = table_rows(results, gt_json, out_dir)
     (out_dir / "table7.json").write_text(metrics_json(rows, indent=2))
-    metrics = {f"test/{k}_{r['mode']}": r[m] for r in rows for k, m in METRIC_KEYS.items()}
+    metrics = flat_metrics(rows)
     (out_dir / "metrics.json").write_text(metrics_json(metrics, indent=2, sort_keys=True))
     (out_dir / "table7.md").write_text(markdown_table(rows))
     print(markdown_table(rows))
     log.info("wrote %s", out_dir / "table7.md")
+    if cfg.update_card:
+        card = refresh_card_metrics(
+            card_beside(segmenter.checkpoint), metrics_by_mode(metrics), dataset_name(cfg.data)
+        )
+        log.info("model card %s: AP^e of this evaluation", card)
     return rows[-1]["AP"]
 
 

@@ -1,5 +1,5 @@
 """Export a checkpoint's network to ONNX or ``torch.export``, to run without entityseg's model
-code.
+code, or as a model folder to share (``format=pretrained``).
 
 ``python -m entityseg.export ckpt_path=... [format=onnx|torch_export] [mode=image_o|batch_oc]
 [output=model.onnx]`` writes the network from one image's normalised views to per-view entity
@@ -8,6 +8,11 @@ H, W and V are dynamic), and in the file the test views, the mode, whether it ha
 decoder, the fusion's default ``compat`` and the opset. Making the views, the fusion,
 upsampling to the original size and RLE stay in the library
 (:class:`~entityseg.inference.exported.OnnxNetwork` + ``inference.runner``).
+
+``format=pretrained`` writes the folder of
+:meth:`~entityseg.api.EntitySegmenter.save_pretrained` (``model.safetensors``, ``config.json``
+and the model card, from the checkpoint's run when it has one) for
+``EntitySegmenter.from_pretrained`` and ``push_to_hub``.
 
 ONNX: opset :data:`OPSET` (18, IR version 10: onnxruntime >= 1.20), standard ops only: the
 deformable attention of the pixel decoder is exported as its pure-PyTorch ``grid_sample`` form
@@ -47,9 +52,10 @@ from entityseg.models.ms_deform_attn import MSDeformAttn
 
 log = logging.getLogger(__name__)
 
-#: ``format``: an ONNX file (onnxruntime) or a ``torch.export`` program (``.pt2``).
-EXPORT_FORMATS = ("onnx", "torch_export")
-SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2"}
+#: ``format``: an ONNX file (onnxruntime), a ``torch.export`` program (``.pt2``), or a model
+#: folder (safetensors, config, model card).
+EXPORT_FORMATS = ("onnx", "torch_export", "pretrained")
+SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2", "pretrained": ""}
 #: The ONNX opset of exported files (GridSample needs >= 16; the dynamo exporter's own is 18).
 OPSET = 18
 #: Views of the example input: any V >= 2 keeps V dynamic (torch.export specialises a
@@ -273,17 +279,36 @@ def checkpoint_network(cfg: DictConfig) -> tuple[nn.Module, ViewConfig, str]:
 
 
 def output_path(cfg: DictConfig) -> Path:
-    """``output``, or ``<output folder>/<checkpoint name>_<mode>.onnx|.pt2``."""
+    """``output``, or ``<output folder>/<checkpoint name>_<mode>.onnx|.pt2`` (a model folder:
+    ``<output folder>/<checkpoint name>``)."""
     if cfg.output is not None:
         return Path(cfg.output)
+    if cfg.format == "pretrained":
+        return Path(cfg.paths.output_dir) / Path(cfg.ckpt_path).stem
     name = f"{Path(cfg.ckpt_path).stem}_{cfg.mode}{SUFFIXES[cfg.format]}"
     return Path(cfg.paths.output_dir) / name
+
+
+def export_pretrained(cfg: DictConfig) -> Path:
+    """``format=pretrained``: the checkpoint's segmenter as a model folder; a folder that is
+    the checkpoint itself is refused (never written over an input)."""
+    cfg.inference.device = "cpu"
+    cfg.model.compile = False
+    path = output_path(cfg)
+    if Path(cfg.ckpt_path).exists() and path.resolve() == Path(cfg.ckpt_path).resolve():
+        raise ConfigError("output", str(path), "is the checkpoint itself: choose another folder")
+    segmenter = segmenter_from_config(cfg)
+    segmenter.save_pretrained(path)
+    log.info("wrote %s: model.safetensors, config.json, README.md", path)
+    return path
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @exits_on_config_error
 def main(cfg: DictConfig) -> str:
     check_export_settings(cfg.format, cfg.mode, has_batch_decoder=True)
+    if cfg.format == "pretrained":
+        return str(export_pretrained(cfg))
     if cfg.format == "onnx":  # before minutes of tracing
         try:
             for module in ("onnx", "onnxscript", *(("onnxruntime",) if cfg.check else ())):

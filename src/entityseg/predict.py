@@ -77,10 +77,11 @@ SHOWN_SKIPS = 10
 
 def run_settings(cfg: DictConfig, segmenter: EntitySegmenter) -> dict:
     """What makes one run's predictions differ from another's, as json values: the
-    checkpoint file (:func:`file_identity`: retrained under the same name, it is another),
+    weights' file (:func:`file_identity` of the checkpoint, or of a model folder's
+    safetensors: retrained under the same name, it is another),
     ``gt`` and the segmenter's settings (the mode and views it uses)."""
     settings = {
-        "checkpoint": file_identity(Path(cfg.ckpt_path)),
+        "checkpoint": file_identity(segmenter.checkpoint),
         "gt": str(Path(cfg.gt).resolve()) if cfg.gt is not None else None,
         **segmenter.settings_record(),
     }

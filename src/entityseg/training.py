@@ -16,8 +16,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from entityseg import zoo
 from entityseg.config import ConfigError, instantiate_checked
 from entityseg.evaluation.entity_ap import metrics_json
+from entityseg.hub import HubError, resolve_model
+from entityseg.hub.card import write_model_card
+from entityseg.hub.release import release_init_folder
+from entityseg.hub.run_card import run_card
 from entityseg.inference.settings import InferenceSettings
 from entityseg.models.checkpoint import (
     CheckpointError,
@@ -37,6 +42,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     is built.
     """
     InferenceSettings.from_config(cfg.inference)  # validation's settings, checked at once
+    resolve_init_from(cfg)
     check_release_init(cfg)
     check_resume_checkpoint(cfg)
     _take_network_from_init_checkpoint(cfg)
@@ -57,26 +63,66 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     out = Path(cfg.paths.output_dir)
     (out / "metrics.json").write_text(metrics_json(metrics, indent=2, sort_keys=True))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if best and trainer.is_global_zero:  # the model card beside the checkpoint it describes
+        card = run_card(
+            cfg, metrics, model.net.config, cfg.get("base_model"), steps=trainer.global_step
+        )
+        log.info("model card: %s", write_model_card(Path(best).parent, card))
     return metrics, best
 
 
+def resolve_init_from(cfg: DictConfig) -> str | None:
+    """``model.init_from`` as a local file or model folder: a released model's name or a Hub
+    repository (:func:`entityseg.hub.resolve_model`) is fetched, converted once and cached.
+    Returns what the user gave (the card's ``base_model``); a model the Hub does not give
+    stops in one line."""
+    given = cfg.model.get("init_from")
+    if not given:
+        return None
+    try:
+        path = resolve_model(given)
+    except HubError as err:
+        raise ConfigError("model.init_from", given, str(err)) from None
+    with open_dict(cfg):
+        cfg.model.init_from = str(path)
+        cfg.base_model = cfg.get("base_model") or str(given)  # the card's, as the user named it
+    return str(given)
+
+
 def check_release_init(cfg: DictConfig) -> None:
-    """Stop at once when a release experiment lacks its starting weights.
+    """Give a release experiment its starting weights, or stop at once.
 
     ``init_from_release`` (``{weights, config}``: the release's ``MODEL.WEIGHTS`` file and the
     release yaml it converts with) marks an experiment that, like the release, fine-tunes from
-    released weights; without ``model.init_from`` it would silently train from scratch.
+    released weights; without ``model.init_from`` it would silently train from scratch. Where
+    the release's Hub repository holds the file (:data:`entityseg.zoo.PRETRAINED_FOLDER`), it
+    is downloaded and converted for the experiment's network (once, cached) and becomes
+    ``model.init_from``; else the message says how to convert it by hand.
     """
     release = cfg.get("init_from_release")
     if not release or cfg.model.get("init_from"):
         return
     weights, config = release.get("weights"), release.get("config")
+    net_config = OmegaConf.to_container(cfg.model.net, resolve=True)
+    net_config.pop("_target_", None)
+    try:
+        folder = release_init_folder(weights, net_config)
+        reason = f"{zoo.REPO_ID}/{zoo.PRETRAINED_FOLDER} holds no {weights}"
+    except HubError as err:
+        folder, reason = None, str(err)
+    if folder is not None:
+        log.info("starting weights %s from the Hub: %s", weights, folder)
+        with open_dict(cfg):
+            cfg.model.init_from = str(folder)
+            cfg.base_model = f"{zoo.REPO_ID}/{zoo.PRETRAINED_FOLDER}/{weights}"
+        return
     raise ConfigError(
         "model.init_from",
         None,
         f"{cfg.get('task_name', 'this experiment')} starts, as the release, from {weights}; "
         f"convert it with `python -m entityseg.convert_release {weights} {config} init.ckpt` "
-        "and add model.init_from=init.ckpt (or init_from_release=null to start from scratch)",
+        "and add model.init_from=init.ckpt (or init_from_release=null to start from scratch)"
+        f" [not fetched: {reason}]",
     )
 
 

@@ -154,7 +154,7 @@ def how_to_get_a_checkpoint(log_dir: str | Path) -> str:
     found = sorted(
         Path(log_dir).glob("*/runs/*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime
     )
-    lines = ["No checkpoint given: start the app with `ckpt_path=<file>`."]
+    lines = ["No checkpoint given: start the app with `ckpt_path=<file, folder or name>`."]
     if found:
         lines.append(f"The newest one on disk is `{found[-1]}`:")
         lines.append(f"`python -m entityseg.app ckpt_path={found[-1]}`")
@@ -162,9 +162,8 @@ def how_to_get_a_checkpoint(log_dir: str | Path) -> str:
         "To make one:",
         "- train the demo model on the synthetic scenes (a few minutes on a CPU): `make demo`, "
         "then use its `outputs/demo/runs/<time>/checkpoints/best_*.ckpt`;",
-        '- or convert a released CropFormer checkpoint (README, "Released models"): '
-        "`python -m entityseg.convert_release model_final.pth <its config.yaml> "
-        "cropformer.ckpt`.",
+        "- or use a released model by name, downloaded from the Hub once (README, "
+        '"Released models"): `python -m entityseg.app ckpt_path=cropformer_swin_tiny_3x`.',
     ]
     return "\n\n".join(lines)
 

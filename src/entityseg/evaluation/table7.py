@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = {"ap": "AP", "ap50": "AP50", "ap75": "AP75", "forward_ms": "forward_ms"}
 
 
+def flat_metrics(rows: list[dict], split: str = "test") -> dict[str, float]:
+    """Table 7 rows as the flat metrics training logs (``test/ap50_batch_oc``), for
+    ``metrics.json`` and the model card."""
+    return {f"{split}/{k}_{r['mode']}": r[m] for r in rows for k, m in METRIC_KEYS.items()}
+
+
 def table_rows(results: dict[str, ModeResults], gt_json: str, out_dir: Path) -> list[dict]:
     """Write each mode's predictions json and score it with AP^e."""
     rows = []

@@ -603,20 +603,18 @@ def num_fpn_levels(net_config: Mapping) -> int:
     return len(set(features) - set(net_config["pixel_decoder"]["transformer_in_features"]))
 
 
-def convert_release(
-    weights_path: str | Path, config_path: str | Path, out_path: str | Path
-) -> dict[str, Any]:
-    """Convert a release checkpoint; write an entityseg checkpoint; return a summary.
-
-    ``out_path`` is written through a temporary file renamed over it, so it is always either
-    the previous file or the complete new checkpoint (nothing is written when a step fails).
+def convert_release_weights(
+    weights_path: str | Path, net_config: Mapping, allow_missing: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors of a release checkpoint in our names, checked against the network of
+    ``net_config`` (float32, contiguous), and whether the file held a backbone only.
+    ``allow_missing``: parts of our network the file may lack (``("association.",)``: a
+    Mask2Former file for a CropFormer network).
 
     A file whose names carry no ``backbone.`` / ``sem_seg_head.`` prefix is taken as the
     release's backbone-only pre-training (e.g. a converted ImageNet Swin): it fills the
     backbone, and the rest of the network starts fresh when fine-tuning (``init_from``).
     """
-    config = load_release_config(config_path)
-    net_config = net_config_from_release(config)
     source = read_release_weights(weights_path)
     backbone_only = not any(k.startswith(("backbone.", "sem_seg_head.")) for k in source)
     if backbone_only:
@@ -627,11 +625,26 @@ def convert_release(
         num_fpn_levels(net_config),
         allow_missing=("pixel_decoder.", "image_decoder.", "association.", "backbone.out_norms.")
         if backbone_only
-        else (),
+        else allow_missing,
         origin=str(weights_path),
     )
+    return {k: v.float().contiguous() for k, v in state.items()}, backbone_only
+
+
+def convert_release(
+    weights_path: str | Path, config_path: str | Path, out_path: str | Path
+) -> dict[str, Any]:
+    """Convert a release checkpoint with its yaml; write an entityseg checkpoint; return a
+    summary (:func:`convert_release_weights` converts the tensors).
+
+    ``out_path`` is written through a temporary file renamed over it, so it is always either
+    the previous file or the complete new checkpoint (nothing is written when a step fails).
+    """
+    config = load_release_config(config_path)
+    net_config = net_config_from_release(config)
+    state, backbone_only = convert_release_weights(weights_path, net_config)
     checkpoint = {
-        "state_dict": {LIGHTNING_PREFIX + k: v.float().contiguous() for k, v in state.items()},
+        "state_dict": {LIGHTNING_PREFIX + k: v for k, v in state.items()},
         NET_CONFIG_KEY: net_config,
         TEST_VIEWS_KEY: test_views_from_release(config),
         "entityseg_source": {

@@ -44,7 +44,8 @@ class CheckpointError(UserError):
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at ``path`` as a dict (a bare state dict comes back as it is).
+    """The checkpoint at ``path`` as a dict (a bare state dict comes back as it is); a model
+    folder of :mod:`entityseg.models.pretrained` is read as one.
 
     Read with ``weights_only=True``: tensors, numbers, strings and containers only, which is
     all that a training checkpoint (optimiser, loops, hyper-parameters) or a converted one
@@ -56,6 +57,10 @@ def read_checkpoint(path: str | Path) -> dict:
     twice.
     """
     path = Path(path)
+    if path.is_dir():  # a model folder (model.safetensors, config.json): no pickle at all
+        from entityseg.models.pretrained import read_pretrained  # which imports this module
+
+        return read_pretrained(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
