@@ -54,6 +54,7 @@ from entityseg.models.checkpoint import (
     CheckpointError,
     build_network,
     read_checkpoint,
+    stored_network,
 )
 from entityseg.models.pretrained import (
     PRETRAINED_KEY,
@@ -61,7 +62,6 @@ from entityseg.models.pretrained import (
     is_pretrained_folder,
     model_config,
     read_model_config,
-    stored_network,
     weights_file,
     write_pretrained,
 )

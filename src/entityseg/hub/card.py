@@ -200,6 +200,13 @@ class CardInfo:
         return self.source is not None
 
 
+def architecture_of(net_config: Mapping[str, Any]) -> str:
+    """``CropFormer``, or ``Mask2Former`` for a network configuration without the association
+    module (and so without the batch decoder)."""
+    enabled = net_config.get("association", {}).get("enabled", True)
+    return "CropFormer" if enabled else "Mask2Former"
+
+
 def model_card(info: CardInfo) -> ModelCard:
     """The model card of ``info``: the Hub's YAML header (with the ``model-index`` when there
     are metrics) and the markdown body (see the module)."""

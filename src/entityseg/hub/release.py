@@ -34,6 +34,7 @@ from huggingface_hub.hf_api import RepoFile
 
 from entityseg import zoo
 from entityseg.data.views import ViewConfig
+from entityseg.hub.card import architecture_of
 from entityseg.hub.client import HubError, cache_root, hub_errors, offline
 from entityseg.interop.release import (
     ReleaseConversionError,
@@ -44,18 +45,14 @@ from entityseg.interop.release import (
     release_view_keys,
     test_views_from_release,
 )
-from entityseg.models.pretrained import (
-    is_pretrained_folder,
-    model_config,
-    stored_network,
-    write_pretrained,
-)
+from entityseg.models.checkpoint import stored_network
+from entityseg.models.pretrained import is_pretrained_folder, model_config, write_pretrained
 
 log = logging.getLogger(__name__)
 
 #: What a release checkpoint is called in its folder (``.pth``: ``{"model": ...}``;
 #: ``.pkl``: detectron2's numpy pickle, read without running code).
-CHECKPOINT_SUFFIXES = (".pth", ".pkl")
+RELEASE_SUFFIXES = (".pth", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,7 @@ def release_init_folder(
     match = [f for f in files if Path(f.path).name == weights] or [
         f
         for f in files
-        if Path(f.path).stem.startswith(stem + "_") and f.path.endswith(CHECKPOINT_SUFFIXES)
+        if Path(f.path).stem.startswith(stem + "_") and f.path.endswith(RELEASE_SUFFIXES)
     ]
     if not match:
         return None
@@ -168,11 +165,11 @@ def _list_folder(path: str, revision: str | None, token: str | bool | None) -> l
 
 def _checkpoint_in(files: list[RepoFile], folder: str) -> RepoFile:
     """The one checkpoint file of a model's folder."""
-    found = [f for f in files if f.path.endswith(CHECKPOINT_SUFFIXES)]
+    found = [f for f in files if f.path.endswith(RELEASE_SUFFIXES)]
     if len(found) != 1:
         listed = ", ".join(Path(f.path).name for f in files) or "nothing"
         raise HubError(
-            f"{zoo.REPO_ID}/{folder}: expected one checkpoint ({' or '.join(CHECKPOINT_SUFFIXES)})"
+            f"{zoo.REPO_ID}/{folder}: expected one checkpoint ({' or '.join(RELEASE_SUFFIXES)})"
             f" in the folder, found {len(found)} (it holds {listed})"
         )
     return found[0]
@@ -225,7 +222,8 @@ def _convert(
     log.info("converting %s/%s with %s", source.repo_id, source.path, recipe)
     state, _ = _converted(weights, source, net_config)
     sized = release_sized(ViewConfig.from_keys(views)).to_keys()
-    settings = {"compat": "release", "mode": "batch_oc" if _has_batch(net_config) else "image_o"}
+    batch = architecture_of(net_config) == "CropFormer"
+    settings = {"compat": "release", "mode": "batch_oc" if batch else "image_o"}
     config = model_config(
         stored_network(net_config), sized, settings, {**source.record(), "recipe": recipe}
     )
@@ -254,10 +252,6 @@ def experiment_recipe(experiment: str) -> tuple[dict[str, Any], dict[str, Any]]:
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
     network.pop("_target_", None)
     return network, ViewConfig.test_keys_of(cfg.data)
-
-
-def _has_batch(net_config: Mapping[str, Any]) -> bool:
-    return bool(net_config.get("association", {}).get("enabled", True))
 
 
 def _release_card(model: zoo.ReleasedModel, net_config: Mapping, source: HubFile):

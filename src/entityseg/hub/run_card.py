@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from entityseg import zoo
 from entityseg.data.views import ViewConfig
-from entityseg.hub.card import CardInfo, metrics_by_mode
+from entityseg.hub.card import CardInfo, architecture_of, metrics_by_mode
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_card(
     return CardInfo(
         name=str(cfg.get("task_name") or "entityseg-model"),
         license=_license(base_model),
-        architecture=_architecture(net_config),
+        architecture=architecture_of(net_config),
         backbone=str(net_config["backbone"]["name"]),
         num_queries=int(net_config["decoder"]["num_queries"]),
         metrics=metrics_by_mode(metrics),
@@ -81,7 +81,7 @@ def checkpoint_card(
     return CardInfo(
         name=checkpoint.stem if checkpoint is not None else "entityseg-model",
         license=zoo.LICENSE if release else OWN_LICENSE,
-        architecture=_architecture(net_config),
+        architecture=architecture_of(net_config),
         backbone=str(net_config["backbone"]["name"]),
         num_queries=int(net_config["decoder"]["num_queries"]),
         recipe={"converted_from": Path(origin["weights"]).name} if release else {},
@@ -110,11 +110,6 @@ def _license(base_model: str | None) -> str:
     if base_model and (base_model in zoo.NAMES or base_model.startswith(zoo.REPO_ID)):
         return zoo.LICENSE
     return OWN_LICENSE
-
-
-def _architecture(net_config: Mapping[str, Any]) -> str:
-    enabled = net_config.get("association", {}).get("enabled", True)
-    return "CropFormer" if enabled else "Mask2Former"
 
 
 def _plain(value: Any) -> Any:

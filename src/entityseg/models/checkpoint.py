@@ -16,6 +16,7 @@ import re
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,12 +111,15 @@ def load_error_reason(err: BaseException) -> str:
 def stored_net_config(checkpoint: Mapping) -> dict | None:
     """The network configuration saved in a checkpoint, weights-loading settings cleared."""
     config = checkpoint.get(NET_CONFIG_KEY)
-    if config is None:
-        return None
-    config = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
-    # the weights come from the checkpoint: never download or read backbone weights again
-    config["backbone"].update(pretrained=False, checkpoint_path=None)
-    return config
+    return None if config is None else stored_network(config)
+
+
+def stored_network(net_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A network configuration as a checkpoint or model folder keeps it: its weights are the
+    file's, so the backbone's pre-trained weights are never downloaded or read again."""
+    network = {k: dict(v) if isinstance(v, Mapping) else v for k, v in net_config.items()}
+    network["backbone"].update(pretrained=False, checkpoint_path=None)
+    return network
 
 
 def build_network(

@@ -144,14 +144,6 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def stored_network(net_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The network configuration as a model keeps it: its weights are the model's, so the
-    backbone's pre-trained weights are never fetched again when it is rebuilt."""
-    network = {k: dict(v) if isinstance(v, Mapping) else v for k, v in net_config.items()}
-    network["backbone"].update(pretrained=False, checkpoint_path=None)
-    return network
-
-
 def weights_file(path: str | Path) -> Path:
     """The file that holds a model's weights: the checkpoint itself, or a model folder's
     ``model.safetensors`` (what tells one model from another when resuming a run)."""
