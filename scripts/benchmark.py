@@ -37,6 +37,19 @@ Tasks (``--tasks``; input ``[1, V, 3, H, W]`` random, zero-padded to a multiple 
     temp folder) with its own workers/pin_memory/persistent_workers; one timed run is one epoch,
     reported per batch (ms per batch), height/width = the largest padded batch; ``peak_mem_mb``
     counts this process only, not the workers. A note compares its rate with the train step's;
+  * ``predict_throughput``: images per second of ``predict`` over ``--photos`` synthetic photos
+    of ``--height`` x ``--width`` (the network above in a checkpoint with ``cfg.data``'s test
+    views): ``path=sequential``, the loop ``predict`` ran before it ran on Lightning (decode,
+    ``EntitySegmenter``, pictures, a synced json line, one image after another, in this
+    process), against ``path=lightning``, ``python -m entityseg.predict`` in a new process
+    with 0 and 2 loader workers (``--threads`` torch threads), and with ``trainer=ddp_cpu``
+    (two processes; Lightning gives each cores / 2 threads); ``--predict-workers``,
+    ``--predict-batch`` and ``--predict-processes`` change them (a GPU: ``--predict-workers 8
+    --predict-batch 4 --predict-processes 1``). The Lightning rows take the
+    run's own summary: images over the time since its predict loop began (process start-up
+    and the model's loading excluded, as they are for the sequential loop) and the peak
+    memory of rank 0 (resident, or GPU memory on CUDA). ``median_ms`` is ms per image;
+    one run each;
   * ``predict_memory`` (or ``--high-res``): what ``python -m entityseg.predict`` does for one
     6000 x 4000 photo (``--high-res-size``): ``prediction_views`` at the test size of
     ``cfg.data`` at ``size_scale`` 1 (shortest edge 800, longest at most 1333), fixed8 crops
@@ -65,7 +78,10 @@ import ctypes
 import gc
 import json
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -86,9 +102,17 @@ from entityseg.inference.cuda_graphs import graphed
 from entityseg.inference.fusion import fuse_entities
 from entityseg.inference.runner import run_modes
 from entityseg.inference.settings import InferenceSettings
+from entityseg.models.checkpoint import NET_CONFIG_KEY, VIEWS_KEY
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TASKS = ("forward", "end_to_end", "train_step", "dataloader", "predict_memory")
+TASKS = (
+    "forward",
+    "end_to_end",
+    "train_step",
+    "dataloader",
+    "predict_memory",
+    "predict_throughput",
+)
 DEFAULT_TASKS = ("forward", "end_to_end", "train_step", "dataloader")
 MODE_OF_VIEWS = {1: "image_o", 5: "batch_oc", 9: "batch_oc"}
 LAYOUT_OF_VIEWS = {5: "fixed4", 9: "fixed8"}
@@ -523,6 +547,49 @@ class Bench:
                 loader = datamodule = None  # stops the persistent workers
                 gc.collect()
 
+    def predict_throughput_cases(self) -> list[Case]:
+        """``predict`` over the same photos: the sequential loop, then the Lightning path."""
+        height, width = self.args.height, self.args.width
+        data = OmegaConf.to_container(self.cfg.data, resolve=True)
+        views = ViewConfig.from_keys(data, others="ignore")
+        mode = self.cfg.inference.mode
+        num_views = 1 + len(crop_boxes(height, width, views.crop_layout, views.crop_delta))
+        cases = []
+        with tempfile.TemporaryDirectory(prefix="entityseg_throughput_") as tmp:
+            folder = Path(tmp)
+            photos = (
+                generate_dataset(
+                    folder / "set", self.args.photos, seed=0, height=height, width=width
+                ).parent
+                / "images"
+            )
+            checkpoint = folder / "bench.ckpt"
+            state = {f"net.{k}": v.cpu() for k, v in self.net.state_dict().items()}
+            views_keys = ViewConfig.test_keys_of(data)
+            net_config = OmegaConf.to_container(OmegaConf.create(dict(self.net.config)))
+            torch.save(
+                {"state_dict": state, NET_CONFIG_KEY: net_config, VIEWS_KEY: views_keys},
+                checkpoint,
+            )
+            extra = {**self.extra, "images": self.args.photos}
+            seconds = sequential_predict(checkpoint, photos, folder / "sequential", self.args)
+            cases.append(
+                throughput_case(mode, num_views, height, width, seconds, self.args.photos, extra)
+            )
+            cases[-1].extra.update(path="sequential", processes=1, num_workers=0)
+            variants = [(workers, 1) for workers in self.args.predict_workers]
+            if self.args.predict_processes > 1:
+                variants.append((self.args.predict_workers[0], self.args.predict_processes))
+            for workers, processes in variants:
+                run = lightning_predict(checkpoint, photos, folder, workers, processes, self.args)
+                case = throughput_case(
+                    mode, num_views, height, width, run["seconds"], run["images"], extra
+                )
+                case.peak_mb = run["peak_mb"]
+                case.extra.update(path="lightning", processes=run["processes"], num_workers=workers)
+                cases.append(case)
+        return cases
+
     def predict_memory_case(self) -> Case:
         """``python -m entityseg.predict`` on one large photo: views, network, fusion, RLE."""
         height, width = self.args.high_res_size
@@ -547,6 +614,89 @@ class Bench:
             "net_input": f"short side {views.short_sizes[0]}, max {views.max_size}",
         }
         return Case("entityseg", "predict_memory", "batch_oc", 9, height, width, predict, extra)
+
+
+def throughput_case(
+    mode: str, views: int, height: int, width: int, seconds: float, images: int, extra: dict
+) -> Case:
+    """A ``predict_throughput`` row: ms per image (one run), images per second."""
+    case = Case("entityseg", "predict_throughput", mode, views, height, width, lambda: None)
+    case.extra = {**extra, "images_per_s": round(images / seconds, 3)}
+    case.times_ms = [seconds * 1000 / images]
+    return case
+
+
+def sequential_predict(checkpoint: Path, photos: Path, out: Path, args) -> float:
+    """Seconds of the loop ``predict`` ran before Lightning, over every photo of ``photos``
+    (after one untimed image: the model loaded and warm, as the Lightning rows' are)."""
+    from entityseg.api import EntitySegmenter
+    from entityseg.data.coco_entity import read_rgb_image
+    from entityseg.data.views import segmentable
+    from entityseg.inference.writing import prediction_records, write_pictures
+
+    segmenter = EntitySegmenter.from_checkpoint(
+        checkpoint, device=args.device, precision=args.precision
+    )
+    paths = sorted(photos.iterdir())
+    segmenter(paths[0])
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    with open(out / "predictions.jsonl", "ab") as lines:
+        for number, path in enumerate(paths, start=1):
+            image = segmentable(read_rgb_image(path), path)
+            entities = segmenter(image)
+            write_pictures(image, entities, out, path.stem)
+            records = prediction_records(entities, number, path.name)
+            lines.write(json.dumps({"file_name": path.name, "predictions": records}).encode())
+            lines.write(b"\n")
+            lines.flush()
+            os.fsync(lines.fileno())
+    return time.perf_counter() - start
+
+
+#: predict's summary line: this run's images, seconds, processes, and rank 0's peak memory
+SUMMARY = re.compile(
+    r"this run: (?P<images>\d+) images in (?P<seconds>[\d.]+) s \([\d.]+ images/s, "
+    r"(?P<processes>\d+) process\(es\)\); peak (?P<peak_mb>\d+) MB"
+)
+
+
+def lightning_predict(
+    checkpoint: Path, photos: Path, folder: Path, workers: int, processes: int, args
+) -> dict:
+    """``python -m entityseg.predict`` over ``photos`` with ``processes`` processes (DDP on
+    ``args.device``; one: a plain run with ``--threads`` threads): its summary."""
+    name = f"lightning_w{workers}_p{processes}"
+    command = [
+        sys.executable,
+        "-m",
+        "entityseg.predict",
+        f"ckpt_path={checkpoint}",
+        f"input={photos}",
+        f"output={folder / name}",
+        f"hydra.run.dir={folder / name}_hydra",
+        f"data.num_workers={workers}",
+        f"inference.precision={args.precision}",
+        f"inference.batch_size={args.predict_batch}",
+    ]
+    env = dict(os.environ)
+    if processes > 1:
+        trainer = "ddp_cpu" if args.device == "cpu" else "ddp"
+        command += [f"trainer={trainer}", f"trainer.devices={processes}"]
+    else:
+        command.append(f"inference.device={args.device}")
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    match = SUMMARY.search(result.stdout + result.stderr)
+    if result.returncode != 0 or match is None:
+        raise SystemExit(f"predict_throughput: {name} failed:\n{result.stderr[-3000:]}")
+    return {
+        "images": int(match["images"]),
+        "seconds": float(match["seconds"]),
+        "processes": int(match["processes"]),
+        "peak_mb": float(match["peak_mb"]),
+    }
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -593,6 +743,20 @@ def loader_note(rows: list[dict]) -> str | None:
     )
 
 
+def throughput_note(rows: list[dict]) -> str | None:
+    """predict's images per second, the Lightning paths beside the sequential loop."""
+    found = [r for r in rows if r["task"] == "predict_throughput"]
+    if not found:
+        return None
+    base = next(r for r in found if r["path"] == "sequential")["images_per_s"]
+    parts = [
+        f"{r['path']} ({r['processes']} process(es), {r['num_workers']} workers): "
+        f"{r['images_per_s']:.2f} images/s ({r['images_per_s'] / base:.2f}x)"
+        for r in found
+    ]
+    return "predict throughput: " + "; ".join(parts)
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -629,6 +793,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the photo of predict_memory",
     )
     parser.add_argument("--train-batch", type=int, default=2, help="train_step: images")
+    parser.add_argument("--photos", type=int, default=16, help="predict_throughput: photos")
+    parser.add_argument(
+        "--predict-workers",
+        type=int,
+        nargs="+",
+        default=[0, 2],
+        help="predict_throughput: one Lightning row per loader-worker count",
+    )
+    parser.add_argument(
+        "--predict-batch", type=int, default=1, help="predict_throughput: inference.batch_size"
+    )
+    parser.add_argument(
+        "--predict-processes",
+        type=int,
+        default=2,
+        help="predict_throughput: a row with this many processes (DDP; 1: none)",
+    )
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip HF Mask2Former")
     parser.add_argument(
         "--onnx",
@@ -677,6 +858,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for group in bench.inference_groups(task):
                 measure(group, args.runs, args.warmup, device)
                 cases += group
+    if "predict_throughput" in args.tasks:
+        cases += bench.predict_throughput_cases()
     if "train_step" in args.tasks:
         case = bench.train_step_case()
         measure([case], args.runs, args.warmup, device)
@@ -692,8 +875,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "params_m" in bench.hf_extra:
         params += f", hf_mask2former {bench.hf_extra['params_m']} M"
     print(f"\nparameters ({args.backbone}): {params}")
-    if note := loader_note(rows):
-        print(f"\n{note}")
+    for note in (loader_note(rows), throughput_note(rows)):
+        if note:
+            print(f"\n{note}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows

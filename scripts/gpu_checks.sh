@@ -36,3 +36,11 @@ if [ -n "$GPU_CHECKS_ALL" ]; then  # the slower rows: fp32, and compiling (about
   bench 240 bf16_compiled --precision bf16 --runs 10 --warmup 3 --tasks forward --views 1 5 \
     --no-hf --overrides model.compile=true
 fi
+
+# predict on Swin-L Batch-OC at the release's test size: today's sequential loop against the
+# Lightning path with loader workers and batches of 4 (images per second, peak GPU memory)
+timeout 240 python3 scripts/benchmark.py --backbone swin_large --height 768 --width 1024 \
+  --device cuda --precision bf16 --threads 16 --no-hf --tasks predict_throughput --photos 32 \
+  --predict-workers 0 8 --predict-batch 4 --predict-processes 1 \
+  --overrides data.size_scale=1 --json "$OUT/predict_throughput.json" 2>&1 | tail -10 \
+  | tee "$OUT/predict_throughput.log"

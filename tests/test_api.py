@@ -71,7 +71,7 @@ def predict(checkpoint, images, out, tmp_path, *overrides):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    header = (out / "predictions.jsonl").read_text().splitlines()[0]
+    header = (out / "predictions.rank0.jsonl").read_text().splitlines()[0]
     return json.loads((out / "predictions.json").read_text()), json.loads(header)["settings"]
 
 

@@ -88,6 +88,24 @@ def test_benchmark_rows_have_the_contract_keys_and_positive_times(tmp_path):
     assert "data loading:" in stdout
 
 
+def test_predict_throughput_rows_time_both_paths_on_the_same_photos(tmp_path):
+    rows, stdout = run_benchmark(
+        tmp_path,
+        "--tasks", "predict_throughput", "--photos", "2", "--no-hf",
+        "--predict-workers", "0", "--predict-processes", "1",
+        "--overrides", "data.test_short_size=64", "data.test_max_size=96",
+    )  # fmt: skip
+    assert [(r["path"], r["processes"], r["num_workers"]) for r in rows] == [
+        ("sequential", 1, 0),
+        ("lightning", 1, 0),
+    ]
+    for row in rows:
+        assert row.keys() >= CONTRACT_KEYS and row["images"] == 2, row
+        assert row["median_ms"] == pytest.approx(1000 / row["images_per_s"], rel=1e-3), row
+    assert rows[1]["peak_mem_mb"] > 0  # rank 0's peak, from predict's summary line
+    assert "predict throughput: sequential (1 process(es), 0 workers)" in stdout
+
+
 def test_without_transformers_the_hf_model_is_skipped(monkeypatch, capsys):
     benchmark = load_script()
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError

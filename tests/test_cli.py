@@ -12,12 +12,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import REPO, collected_table, pycocotools_ap, run_python
-from entityseg.inference.writing import (
-    InputError,
-    check_unique_stems,
-    find_images,
-    read_results,
-)
+from entityseg.inference.inputs import check_unique_outputs, find_inputs
+from entityseg.inference.shards import read_shards
+from entityseg.inference.writing import InputError
 
 SMALL_DATA = [
     "data.num_workers=0",
@@ -149,10 +146,12 @@ def test_predict_on_a_folder_with_a_bad_file(checkpoint, predicted, tmp_path):
 
 def test_predict_resumes_an_interrupted_run(checkpoint, predicted, tmp_path):
     images, clean, _ = predicted
-    header, *lines = (clean / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    shard = clean / "predictions.rank0.jsonl"
+    header, skip, *lines = shard.read_bytes().splitlines(keepends=True)
     assert json.loads(header)["settings"]["inference.mode"] == "batch_oc"
-    records = [json.loads(line) for line in lines]
-    # the unreadable broken.jpg (id 1) has no line: every run tries it again
+    # the unreadable broken.jpg (id 1) is recorded as skipped: every run tries it again
+    assert json.loads(skip)["file_name"] == "broken.jpg" and "skipped" in json.loads(skip)
+    records = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
     assert [r["file_name"] for r in records] == [
         "gray.png",
         *(f"{s}.jpg" for s in PREDICTED_STEMS[1:]),
@@ -169,7 +168,8 @@ def test_predict_resumes_an_interrupted_run(checkpoint, predicted, tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(clean, killed)
     (killed / "predictions.json").unlink()
-    (killed / "predictions.jsonl").write_bytes(header + lines[0] + lines[1][: len(lines[1]) // 2])
+    killed_shard = killed / "predictions.rank0.jsonl"
+    killed_shard.write_bytes(header + skip + lines[0] + lines[1][: len(lines[1]) // 2])
     png = (clean / f"{second}.png").read_bytes()
     (killed / f"{second}.png").write_bytes(png[: len(png) // 2])
     (killed / f".{third}.png.partial").write_bytes(png[: len(png) // 3])
@@ -186,17 +186,18 @@ def test_predict_resumes_an_interrupted_run(checkpoint, predicted, tmp_path):
             np.asarray(Image.open(clean / f"{stem}.png")),
         )
         assert (killed / f"{stem}_overlay.jpg").is_file()
-    _, *resumed = (killed / "predictions.jsonl").read_bytes().splitlines(keepends=True)
-    assert resumed == lines  # the cut line replaced, not kept
+    _, _, *resumed = killed_shard.read_bytes().splitlines(keepends=True)
+    untimed = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in resumed]
+    assert [line for line in untimed if "skipped" not in line] == records  # the cut line replaced
     assert not list(killed.glob(".*"))
 
     other = {**json.loads(header)["settings"], "inference.mode": "image_o"}
     with pytest.raises(InputError) as info:  # what a rerun with inference.mode=image_o does
-        read_results(killed / "predictions.jsonl", other)
+        read_shards(killed, other)
     assert str(info.value) == (
         f"output={killed} holds predictions made with other settings "
-        "(inference.mode: batch_oc -> image_o): use another output= or delete "
-        f"{killed / 'predictions.jsonl'} to start again"
+        "(inference.mode: batch_oc -> image_o): use another output= or delete its "
+        "predictions.rank*.jsonl to start again"
     )
 
 
@@ -211,14 +212,14 @@ def test_predict_with_nothing_to_do_says_so(checkpoint, tmp_path):
     assert last.startswith(f"input={empty}: no image (") and last.endswith(": nothing to do")
     assert not out.exists()
     with pytest.raises(InputError) as info:
-        find_images(f"{empty}/*.jpg")
+        find_inputs(f"{empty}/*.jpg")
     assert str(info.value) == (
         f"input={empty}/*.jpg: no such file or folder, no file matches it: nothing to do"
     )
     (empty / "a.jpg").write_bytes(b"")
     (empty / "a.png").write_bytes(b"")
-    with pytest.raises(InputError, match=r"a\.jpg and .*a\.png would both write a\.png"):
-        check_unique_stems(find_images(str(empty)))
+    with pytest.raises(InputError, match=r"a\.jpg and .*a\.png would both write the outputs of a"):
+        check_unique_outputs(find_inputs(str(empty)))
 
 
 @pytest.mark.slow

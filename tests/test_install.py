@@ -107,7 +107,8 @@ def test_installed_commands_and_api_run_outside_the_checkout(installed, checkpoi
         "output=out",
     )
     assert predicted.returncode == 0, predicted.stderr
-    settings = json.loads((work / "out/predictions.jsonl").read_text().splitlines()[0])["settings"]
+    shard = (work / "out/predictions.rank0.jsonl").read_text()
+    settings = json.loads(shard.splitlines()[0])["settings"]
     assert settings["views.crop_layout"] == "fixed8"  # the checkpoint's views, no experiment=
     assert settings["views.crop_delta"] == 0.6
     assert (work / "out/photo.png").is_file()

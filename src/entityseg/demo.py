@@ -20,7 +20,12 @@ from entityseg.api import EntitySegmenter
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.evaluation.entity_ap import metrics_json
-from entityseg.evaluation.table7 import flat_metrics, markdown_table, table_rows
+from entityseg.evaluation.table7 import (
+    flat_metrics,
+    markdown_table,
+    mode_predictions,
+    table_rows,
+)
 from entityseg.hub.card import card_beside, metrics_by_mode, refresh_card_metrics
 from entityseg.inference.settings import InferenceSettings
 from entityseg.training import train
@@ -39,7 +44,7 @@ def evaluate_net(
         segmenter.settings.modes,
         description=f"evaluating the {name} model",
     )
-    rows = table_rows(results, datamodule.hparams.val_json, out_dir)
+    rows = table_rows(*mode_predictions(results), datamodule.hparams.val_json, out_dir)
     (out_dir / "table7.md").write_text(markdown_table(rows))
     (out_dir / "table7.json").write_text(metrics_json(rows, indent=2))
     return rows, results

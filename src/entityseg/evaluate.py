@@ -8,6 +8,12 @@ autocast; ``model.compile=true`` compiles its backbone and pixel decoder (``torc
 A progress bar follows the network over the images; then one log line names each mode as
 pycocotools scores it.
 
+The run is Lightning's ``Trainer.predict``, as ``predict``'s: one process by default;
+``trainer=ddp`` (``torchrun``, ``srun``) or ``trainer=ddp_cpu`` share the images between
+processes, whose results are gathered to rank 0 and scored there once, in the data set's
+image order: the same predictions and AP^e as one process. Batches are ``data.val_batch_size``
+images, as validation's.
+
 The images and annotations come from ``data``; the test views (sizes, crops, normalisation)
 and ``inference.compat`` from the checkpoint, as :class:`~entityseg.api.EntitySegmenter` reads
 them: ``data.<test key>=...`` given on the command line (e.g. ``data.test_crop_layout=fixed8``)
@@ -23,15 +29,18 @@ import logging
 from pathlib import Path
 
 import hydra
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig
 
 from entityseg.api import segmenter_from_config
 from entityseg.config import CONFIG_DIR, exits_on_config_error, instantiate_checked
 from entityseg.data.errors import EntityDataError
+from entityseg.evaluation.collect import ModeCollector
 from entityseg.evaluation.entity_ap import metrics_json
 from entityseg.evaluation.table7 import flat_metrics, markdown_table, table_rows
 from entityseg.hub.card import card_beside, metrics_by_mode, refresh_card_metrics
 from entityseg.hub.run_card import dataset_name
+from entityseg.inference.module import SegmenterModule, inference_trainer
 from entityseg.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -41,21 +50,27 @@ log = logging.getLogger(__name__)
 @exits_on_config_error
 def main(cfg: DictConfig) -> float:
     settings = InferenceSettings.from_config(cfg.inference)  # a bad one stops before any work
-    segmenter = segmenter_from_config(cfg, settings)
+    # on the CPU until the trainer places it (every process would load onto one GPU)
+    segmenter = segmenter_from_config(cfg, settings.replace(device="cpu"))
     # the data set of ``data``, viewed as the segmenter views images
     view_keys = segmenter.views.to_keys()
     datamodule = instantiate_checked(cfg.data, "data", for_training=False, **view_keys)
+    gt_json = datamodule.hparams.test_json or datamodule.hparams.val_json
+    modes = segmenter.usable_modes(segmenter.settings.modes)
+    collector = ModeCollector(modes, gt_json)
+    trainer = inference_trainer(cfg.trainer, settings, [collector, RichProgressBar()])
+    module = SegmenterModule(segmenter.net, segmenter.settings, modes)
     try:
-        datamodule.prepare_data()
-        datamodule.setup("test")
-        gt_json = datamodule.hparams.test_json or datamodule.hparams.val_json
-        results = segmenter.run(
-            datamodule.test_dataloader(), segmenter.settings.modes, description="evaluating"
-        )
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
     except EntityDataError as err:  # AP^e over fewer images would not be AP^e: stop, name it
         raise EntityDataError("evaluation stopped", str(err)) from None
+    image_order = [record.image_id for record in datamodule.datasets["test"].records]
+    predictions, forward_ms = collector.gathered(image_order)
+    if not trainer.is_global_zero:
+        return float("nan")
     out_dir = Path(cfg.paths.output_dir)
-    rows = table_rows(results, gt_json, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(predictions, forward_ms, gt_json, out_dir)
     (out_dir / "table7.json").write_text(metrics_json(rows, indent=2))
     metrics = flat_metrics(rows)
     (out_dir / "metrics.json").write_text(metrics_json(metrics, indent=2, sort_keys=True))

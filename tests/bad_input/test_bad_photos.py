@@ -19,7 +19,8 @@ from entityseg import predict as predict_cli
 from entityseg.data.coco_entity import read_rgb_image
 from entityseg.data.errors import EntityDataError
 from entityseg.data.views import EntityViewsDataset, ViewConfig
-from entityseg.inference.writing import Recorded, file_identity, is_done, picture_paths
+from entityseg.inference.shards import Recorded, file_identity, is_done
+from entityseg.inference.writing import picture_paths
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,7 @@ def test_predict_refuses_to_write_over_its_input(checkpoint, tmp_path):
         "choose another output= folder"
     )
     assert photo.read_bytes() == before
-    assert not (tmp_path / "predictions.jsonl").exists()
+    assert not list(tmp_path.glob("predictions*"))
 
 
 def test_resume_redoes_a_photo_of_the_same_name_from_another_folder(checkpoint, tmp_path, caplog):
@@ -175,10 +176,10 @@ def test_resume_redoes_a_photo_of_the_same_name_from_another_folder(checkpoint, 
         scene(48, 64, seed=seed).save(tmp_path / folder / "ok.png")
     out = tmp_path / "out"
     predict_here(checkpoint, tmp_path / "a", out)
-    with caplog.at_level(logging.INFO, logger="entityseg.predict"):
+    with caplog.at_level(logging.INFO, logger="entityseg"):
         predict_here(checkpoint, tmp_path / "c", out)
     assert "0 of 1 images already done" in caplog.text
-    *_, last = (out / "predictions.jsonl").read_text().splitlines()
+    *_, last = (out / "predictions.rank0.jsonl").read_text().splitlines()
     assert json.loads(last)["source"] == file_identity(tmp_path / "c" / "ok.png")
     entities = EntitySegmenter.from_checkpoint(checkpoint)(tmp_path / "c" / "ok.png")
     predictions = json.loads((out / "predictions.json").read_text())
@@ -189,12 +190,16 @@ def test_a_record_is_done_only_for_the_same_file_unchanged(tmp_path):
     photo, out = tmp_path / "ok.png", tmp_path / "out"
     scene(8, 8).save(photo)
     out.mkdir()
-    record = Recorded(image_id=1, offset=0, source=file_identity(photo))
-    assert not is_done(record, photo, out)  # no pictures yet
-    for picture in picture_paths(out, "ok"):
+    shard = out / "predictions.rank0.jsonl"
+    record = Recorded(shard, offset=0, time=0.0, image_id=1, source=file_identity(photo))
+    pictures = picture_paths(out, "ok")
+    assert not is_done(record, photo, pictures)  # no pictures yet
+    for picture in pictures:
         picture.write_bytes(b"x")
-    assert is_done(record, photo, out)
+    assert is_done(record, photo, pictures)
+    skipped = Recorded(shard, 0, 1.0, source=file_identity(photo), skipped="unreadable")
+    assert not is_done(skipped, photo, pictures)  # its latest line says it was skipped
     stat = photo.stat()
     os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # edited since
-    assert not is_done(record, photo, out)
-    assert not is_done(Recorded(1, 0, None), photo, out)  # a record of an older predict
+    assert not is_done(record, photo, pictures)
+    assert not is_done(Recorded(shard, 0, 0.0, 1, None), photo, pictures)  # an older predict

@@ -304,7 +304,7 @@ class EntityDataModule(L.LightningDataModule):
             )
         if stage in (None, "fit", "validate") and "val" not in self.datasets:
             self.datasets["val"] = self._eval_dataset(hp.val_json, hp.val_images)
-        if stage in (None, "test") and "test" not in self.datasets:
+        if stage in (None, "test", "predict") and "test" not in self.datasets:
             self.datasets["test"] = self._eval_dataset(
                 hp.test_json or hp.val_json, hp.test_images or hp.val_images
             )
@@ -321,6 +321,10 @@ class EntityDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.hparams.val_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set (``evaluate`` runs on ``Trainer.predict``)."""
+        return self.test_dataloader()
 
     def _loader(
         self, split: str, batch_size: int, shuffle: bool = False, drop_last: bool = False

@@ -541,9 +541,13 @@ class EntityAP(Metric):
 
     def compute(self) -> dict[str, float]:
         """:func:`evaluate` on every kept prediction (the sampler's padding dropped)."""
+        return evaluate(self.gt_json_path, self.predictions())
+
+    def predictions(self) -> list[dict]:
+        """Every kept prediction (the sampler's padding dropped), rank after rank: this
+        process's, or all processes' inside ``sync_context()``."""
         states = self._concatenated_states()
-        predictions = decode_predictions(states)
-        return evaluate(self.gt_json_path, drop_padding(predictions, states[RANK_STATE].tolist()))
+        return drop_padding(decode_predictions(states), states[RANK_STATE].tolist())
 
     def _concatenated_states(self) -> dict[str, torch.Tensor]:
         """Each state as one tensor: a list locally, already one tensor after a DDP sync."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
@@ -28,23 +29,40 @@ def flat_metrics(rows: list[dict], split: str = "test") -> dict[str, float]:
     return {f"{split}/{k}_{r['mode']}": r[m] for r in rows for k, m in METRIC_KEYS.items()}
 
 
-def table_rows(results: dict[str, ModeResults], gt_json: str, out_dir: Path) -> list[dict]:
-    """Write each mode's predictions json and score it with AP^e."""
+def mode_predictions(
+    results: Mapping[str, ModeResults],
+) -> tuple[dict[str, list[dict]], dict[str, list[float]]]:
+    """Each mode's COCO results (images in the order run) and forward times (ms), as
+    :func:`table_rows` takes them, from :meth:`EntitySegmenter.run
+    <entityseg.api.EntitySegmenter.run>`'s results."""
+    predictions = {
+        mode: [r for image_id, e in result.entities.items() for r in e.to_coco(image_id)]
+        for mode, result in results.items()
+    }
+    return predictions, {mode: result.forward_ms for mode, result in results.items()}
+
+
+def table_rows(
+    predictions: Mapping[str, list[dict]],
+    forward_ms: Mapping[str, Sequence[float]],
+    gt_json: str,
+    out_dir: Path,
+) -> list[dict]:
+    """Write each mode's predictions json and score it with AP^e; the forward time of a
+    row is the median of the mode's per-image times."""
     rows = []
-    for number, (mode, result) in enumerate(results.items(), start=1):
-        predictions = [r for image_id, e in result.entities.items() for r in e.to_coco(image_id)]
+    for number, mode in enumerate(predictions, start=1):
         path = out_dir / f"predictions_{mode}.json"
-        path.write_text(json.dumps(predictions))
+        path.write_text(json.dumps(predictions[mode]))
         log.info(
-            "scoring mode %d/%d, %s (%s): AP^e of %d entities on %d images (pycocotools)",
+            "scoring mode %d/%d, %s (%s): AP^e of %d entities (pycocotools)",
             number,
-            len(results),
+            len(predictions),
             PAPER_NAMES[mode],
             mode,
-            len(predictions),
-            len(result.entities),
+            len(predictions[mode]),
         )
-        metrics = entity_ap(gt_json, predictions)
+        metrics = entity_ap(gt_json, predictions[mode])
         rows.append(
             {
                 "mode": mode,
@@ -52,7 +70,7 @@ def table_rows(results: dict[str, ModeResults], gt_json: str, out_dir: Path) -> 
                 "AP": metrics["AP"],
                 "AP50": metrics["AP50"],
                 "AP75": metrics["AP75"],
-                "forward_ms": statistics.median(result.forward_ms),
+                "forward_ms": statistics.median(forward_ms[mode]),
                 "predictions": path.name,
             }
         )

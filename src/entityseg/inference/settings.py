@@ -65,6 +65,9 @@ class InferenceSettings:
             as AP^e needs).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...
         precision: ``fp32``, or ``bf16`` (the network under bf16 autocast).
+        batch_size: images ``predict`` and ``evaluate`` load at once; those of one network
+            input size go through the network together (a smaller image is never padded to
+            another's size, which would change its entities).
     """
 
     mode: str = "batch_oc"
@@ -78,6 +81,7 @@ class InferenceSettings:
     score_threshold: float = 0.0
     device: str = "auto"
     precision: str = "fp32"
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.device, torch.device):
@@ -98,6 +102,8 @@ class InferenceSettings:
         for key in ("overlapping", "cuda_graphs"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"inference.{key}", getattr(self, key), "must be true or false")
+        if not _integer(self.batch_size) or self.batch_size < 1:
+            raise ConfigError("inference.batch_size", self.batch_size, "must be an integer >= 1")
         if not _integer(self.query_chunk) or self.query_chunk < 1:
             raise ConfigError("inference.query_chunk", self.query_chunk, "must be an integer >= 1")
         if self.compat is not None and self.compat not in COMPAT_MODES:

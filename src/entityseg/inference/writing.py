@@ -1,30 +1,26 @@
-"""Writing predictions: pictures, COCO records, and the resumable record of a long run.
+"""Writing predictions: pictures, COCO records, and an image's json.
 
 What ``python -m entityseg.predict`` and the web app write for an image: its 16-bit entity-id
-PNG and overlay JPEG (:func:`write_pictures`, each written whole or not at all) and its COCO
-results (:func:`prediction_records`). A run over many photos appends each finished image to
-``predictions.jsonl`` (:func:`append_result`, synced to disk), so that a rerun skips what is
-done (:func:`read_results`, :func:`is_done`) and ``predictions.json`` is assembled from it
-(:func:`write_predictions`). Inputs and outputs that cannot work raise :class:`InputError`, one
-line; the command line turns it into its exit.
+PNG and overlay JPEG (:func:`write_pictures`, each written whole or not at all), its COCO
+results (:func:`prediction_records`) and, with ``output_format=per_image``, a json of its own
+in SA-1B's layout (:func:`write_image_json`). The record of a long run is in
+:mod:`~entityseg.inference.shards`. Inputs and outputs that cannot work raise
+:class:`InputError`, one line; the command line turns it into its exit.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+import pycocotools.mask as mask_utils
 from PIL import Image
 
 from entityseg.atomic_checkpoint import fsync_folder
 from entityseg.config import UserError
-from entityseg.data.coco_entity import IMAGE_SUFFIXES
 from entityseg.data.errors import EntityDataError
 from entityseg.data.rle import describe
 from entityseg.evaluation.entity_ap import read_ground_truth
@@ -32,10 +28,8 @@ from entityseg.inference.fusion import Entities
 
 log = logging.getLogger(__name__)
 
-#: The incremental results: a settings line, then one line per finished image.
-RESULTS_NAME = "predictions.jsonl"
-#: The COCO results of every image, assembled from :data:`RESULTS_NAME` at the end.
-PREDICTIONS_NAME = "predictions.json"
+#: ``save_pictures`` -> how many of (id map, overlay) are written.
+PICTURES = {"all": 2, "id_map": 1, "none": 0}
 
 
 class InputError(UserError):
@@ -46,42 +40,6 @@ class InputError(UserError):
 def partial_path(path: Path) -> Path:
     """Where ``path`` is written before it is renamed into place: whole or absent."""
     return path.with_name(f".{path.name}.partial")
-
-
-def find_images(pattern: str) -> list[Path]:
-    """An image file, every image of a folder (sorted), or the files matching a glob.
-
-    Stops with one line when there is nothing to predict (an empty folder, no match).
-    """
-    path = Path(pattern)
-    if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            suffixes = " ".join(sorted(IMAGE_SUFFIXES))
-            raise InputError(
-                f"input={pattern}: no image ({suffixes}) in this folder: nothing to do"
-            )
-        return images
-    if path.is_file():
-        return [path]
-    matches = sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if p.is_file())
-    if not matches:
-        raise InputError(
-            f"input={pattern}: no such file or folder, no file matches it: nothing to do"
-        )
-    return matches
-
-
-def check_unique_stems(paths: list[Path]) -> None:
-    """Stop in one line if two inputs would write the same ``<stem>.png``."""
-    seen: dict[str, Path] = {}
-    for path in paths:
-        if path.stem in seen:
-            raise InputError(
-                f"input: {seen[path.stem]} and {path} would both write {path.stem}.png: "
-                "predict them into different output= folders"
-            )
-        seen[path.stem] = path
 
 
 def image_ids_from_gt(gt_json: str | None) -> dict[str, int]:
@@ -112,8 +70,21 @@ def image_ids_from_gt(gt_json: str | None) -> dict[str, int]:
 
 
 def picture_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """The entity-id PNG and the overlay JPEG of an image."""
+    """The entity-id PNG and the overlay JPEG of an image; ``stem``: its name without the
+    suffix, with the subfolders it has under the input (``a/1`` for ``a/1.jpg``)."""
     return out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.jpg"
+
+
+def image_json_path(out_dir: Path, stem: str) -> Path:
+    """The per-image json of ``output_format=per_image`` (SA-1B's layout)."""
+    return out_dir / f"{stem}.json"
+
+
+def output_paths(out_dir: Path, stem: str, save_pictures: str, per_image: bool) -> list[Path]:
+    """Every file a prediction run writes for an image: the pictures ``save_pictures`` asks
+    for (``all``: id map and overlay; ``id_map``; ``none``) and its json when ``per_image``."""
+    pictures = list(picture_paths(out_dir, stem))[: PICTURES[save_pictures]]
+    return pictures + ([image_json_path(out_dir, stem)] if per_image else [])
 
 
 def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **options) -> None:
@@ -127,171 +98,67 @@ def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **opt
     os.replace(partial, path)
 
 
-def write_pictures(image: np.ndarray, entities: Entities, out_dir: Path, stem: str) -> np.ndarray:
+def write_pictures(
+    image: np.ndarray | None,
+    entities: Entities,
+    out_dir: Path,
+    stem: str,
+    save_pictures: str = "all",
+) -> np.ndarray | None:
     """The entity-id PNG (``Entities.to_id_map``) and the overlay JPEG (``Entities.overlay``,
-    crops drawn) of an image; returns the overlay."""
-    id_map = entities.to_id_map()
+    crops drawn) of an image, as ``save_pictures`` asks (``all``, ``id_map``: the PNG only,
+    ``none``); returns the overlay (None when not drawn). ``image``: the photo, needed for
+    the overlay only."""
     png, overlay_jpg = picture_paths(out_dir, stem)
+    if save_pictures == "none":
+        return None
+    png.parent.mkdir(parents=True, exist_ok=True)
+    id_map = entities.to_id_map()
     _save_then_rename(Image.fromarray(id_map), png, "PNG")  # uint16 -> 16-bit PNG
-    overlay = entities.overlay(image, id_map=id_map)
-    _save_then_rename(Image.fromarray(overlay), overlay_jpg, "JPEG", quality=90)
-    fsync_folder(out_dir)
+    overlay = None
+    if save_pictures == "all":
+        overlay = entities.overlay(image, id_map=id_map)
+        _save_then_rename(Image.fromarray(overlay), overlay_jpg, "JPEG", quality=90)
+    fsync_folder(png.parent)
     return overlay
+
+
+def write_image_json(
+    entities: Entities, out_dir: Path, stem: str, image_id: int, file_name: str
+) -> Path:
+    """One image's entities as a json of its own, in SA-1B's layout (what users of
+    segment-everything tools read): ``image`` {image_id, width, height, file_name} and
+    ``annotations`` [{id, segmentation (COCO RLE), bbox (XYWH), area, score, crop_box}].
+    Every entity is of the whole image (its views fused), so ``crop_box`` is the image's
+    box."""
+    height, width = entities.image_size
+    boxes = mask_utils.toBbox(entities.rles).tolist() if entities.rles else []
+    areas, scores = entities.areas.tolist(), entities.scores.tolist()
+    record = {
+        "image": {"image_id": image_id, "width": width, "height": height, "file_name": file_name},
+        "annotations": [
+            {
+                "id": k + 1,
+                "segmentation": rle,
+                "bbox": [float(v) for v in boxes[k]],
+                "area": int(areas[k]),
+                "score": float(score),
+                "crop_box": [0, 0, width, height],
+            }
+            for k, (rle, score) in enumerate(zip(entities.rles, scores, strict=True))
+        ],
+    }
+    path = image_json_path(out_dir, stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    with open(partial, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
 
 
 def prediction_records(entities: Entities, image_id: int, file_name: str) -> list[dict]:
     """An image's records of ``predictions.json``: COCO results with its file name."""
     return [{**record, "file_name": file_name} for record in entities.to_coco(image_id)]
-
-
-def file_identity(path: Path) -> dict:
-    """What tells one file from another for resuming: its resolved path, size and
-    modification time (a file replaced or edited under the same name is another file)."""
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """An image that ``predictions.jsonl`` records: its id, the byte offset of its line and
-    the :func:`file_identity` of the photo it was predicted from."""
-
-    image_id: int
-    offset: int
-    source: dict | None
-
-
-def read_results(path: Path, settings: dict) -> dict[str, Recorded]:
-    """The images that ``predictions.jsonl`` records, by file name; a later line of a name
-    replaces an earlier one.
-
-    Starts the file (its settings line) when it is new or records nothing. A last line without
-    its newline (cut by a kill) is removed. Stops with one line when the recorded images were
-    made with other ``settings``.
-    """
-    records: dict[str, Recorded] = {}
-    stored, end = None, 0
-    if path.is_file():
-        with open(path, "rb") as f:
-            first = f.readline()
-            if first.endswith(b"\n"):
-                try:
-                    stored = json.loads(first)["settings"]
-                except (ValueError, KeyError, TypeError):
-                    raise InputError(
-                        f"{path}: first line is not the settings of entityseg.predict: "
-                        "use another output= or delete the file"
-                    ) from None
-                end = len(first)
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        break
-                    try:
-                        record = json.loads(line)
-                        records[record["file_name"]] = Recorded(
-                            int(record["image_id"]), end, record.get("source")
-                        )
-                    except (ValueError, KeyError, TypeError):
-                        log.warning(
-                            "%s: unreadable line at byte %d, its image is predicted again",
-                            path,
-                            end,
-                        )
-                    end += len(line)
-    if not records:  # nothing to keep: (re)start the file with these settings
-        path.write_bytes(json.dumps({"settings": settings}).encode() + b"\n")
-        return {}
-    if stored != settings:
-        changed = ", ".join(
-            f"{key}: {stored.get(key)} -> {settings.get(key)}"
-            for key in sorted(stored.keys() | settings.keys())
-            if stored.get(key) != settings.get(key)
-        )
-        raise InputError(
-            f"output={path.parent} holds predictions made with other settings ({changed}): "
-            f"use another output= or delete {path} to start again"
-        )
-    if end < path.stat().st_size:
-        os.truncate(path, end)
-    return records
-
-
-def is_done(record: Recorded | None, path: Path, out_dir: Path) -> bool:
-    """Whether ``path`` was predicted already: recorded from this very file (not another of
-    its name, nor an older version of it) with both its pictures on disk."""
-    return (
-        record is not None
-        and record.source == file_identity(path)
-        and all(f.is_file() for f in picture_paths(out_dir, path.stem))
-    )
-
-
-def append_result(results: BinaryIO, path: Path, image_id: int, predictions: list) -> Recorded:
-    """Append one finished image to ``predictions.jsonl`` and flush it to disk."""
-    offset = results.tell()
-    source = file_identity(path)
-    record = {
-        "file_name": path.name,
-        "image_id": image_id,
-        "source": source,
-        "predictions": predictions,
-    }
-    results.write(json.dumps(record).encode() + b"\n")
-    results.flush()
-    os.fsync(results.fileno())
-    return Recorded(image_id, offset, source)
-
-
-def write_predictions(
-    results_path: Path, records: dict[str, Recorded], paths: list[Path], out: Path
-) -> tuple[int, int]:
-    """``predictions.json``: the recorded predictions of ``paths``, in their order, one image's
-    line at a time. Returns (entities, images) written."""
-    partial = partial_path(out)
-    num_entities = num_images = 0
-    with open(results_path, "rb") as src, open(partial, "w") as dst:
-        dst.write("[")
-        for path in paths:
-            if path.name not in records:
-                continue
-            src.seek(records[path.name].offset)
-            for prediction in json.loads(src.readline())["predictions"]:
-                dst.write((", " if num_entities else "") + json.dumps(prediction))
-                num_entities += 1
-            num_images += 1
-        dst.write("]")
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(partial, out)
-    fsync_folder(out.parent)
-    return num_entities, num_images
-
-
-def check_outputs_spare_inputs(out_dir: Path, paths: list[Path], *others: str | None) -> None:
-    """Stop in one line when a file this run writes would be one of its inputs (a photo, the
-    checkpoint, ``gt``): ``input=D output=D`` would replace ``D/photo.png`` by its id map."""
-    inputs = {p.resolve(): p for p in [*paths, *(Path(o) for o in others if o)]}
-    outputs = [out_dir / RESULTS_NAME, out_dir / PREDICTIONS_NAME]
-    outputs += [picture for p in paths for picture in picture_paths(out_dir, p.stem)]
-    for output in outputs:
-        for written in (output, partial_path(output)):
-            if written.resolve() in inputs:
-                raise InputError(
-                    f"output={out_dir}: predict would write {written}, which is the input "
-                    f"{inputs[written.resolve()]}: choose another output= folder"
-                )
-
-
-def image_id_for(
-    position: int, file_name: str, records: dict[str, Recorded], ids_taken: dict[int, str]
-) -> int:
-    """An image's id without ``gt=``: the one recorded for it, else its position in the input
-    (from 1), else, when a recorded image of another name holds that (the input changed between
-    runs), the next id above every one taken."""
-    if file_name in records:
-        return records[file_name].image_id
-    image_id = position
-    if ids_taken.get(image_id, file_name) != file_name:
-        image_id = max(ids_taken) + 1
-    ids_taken[image_id] = file_name
-    return image_id
