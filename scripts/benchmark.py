@@ -48,8 +48,9 @@ Tasks (``--tasks``; input ``[1, V, 3, H, W]`` random, zero-padded to a multiple 
     --predict-batch 4 --predict-processes 1``). The Lightning rows take the
     run's own summary: images over the time since its predict loop began (process start-up
     and the model's loading excluded, as they are for the sequential loop) and the peak
-    memory of rank 0 (resident, or GPU memory on CUDA). ``median_ms`` is ms per image;
-    one run each;
+    memory of rank 0's whole process (resident, or GPU memory on CUDA); the sequential row's
+    ``peak_mem_mb`` is its loop's, over what the benchmark held before (as the other tasks').
+    ``median_ms`` is ms per image; one run each;
   * ``predict_memory`` (or ``--high-res``): what ``python -m entityseg.predict`` does for one
     6000 x 4000 photo (``--high-res-size``): ``prediction_views`` at the test size of
     ``cfg.data`` at ``size_scale`` 1 (shortest edge 800, longest at most 1333), fixed8 crops
@@ -572,10 +573,13 @@ class Bench:
                 checkpoint,
             )
             extra = {**self.extra, "images": self.args.photos}
-            seconds = sequential_predict(checkpoint, photos, folder / "sequential", self.args)
+            seconds, peak_mb = sequential_predict(
+                checkpoint, photos, folder / "sequential", self.args
+            )
             cases.append(
                 throughput_case(mode, num_views, height, width, seconds, self.args.photos, extra)
             )
+            cases[-1].peak_mb = peak_mb
             cases[-1].extra.update(path="sequential", processes=1, num_workers=0)
             variants = [(workers, 1) for workers in self.args.predict_workers]
             if self.args.predict_processes > 1:
@@ -626,9 +630,10 @@ def throughput_case(
     return case
 
 
-def sequential_predict(checkpoint: Path, photos: Path, out: Path, args) -> float:
+def sequential_predict(checkpoint: Path, photos: Path, out: Path, args) -> tuple[float, float]:
     """Seconds of the loop ``predict`` ran before Lightning, over every photo of ``photos``
-    (after one untimed image: the model loaded and warm, as the Lightning rows' are)."""
+    (after one untimed image: the model loaded and warm, as the Lightning rows' are), and its
+    peak memory (:class:`PeakMemory`: over what this process held before the loop)."""
     from entityseg.api import EntitySegmenter
     from entityseg.data.coco_entity import read_rgb_image
     from entityseg.data.views import segmentable
@@ -641,7 +646,7 @@ def sequential_predict(checkpoint: Path, photos: Path, out: Path, args) -> float
     segmenter(paths[0])
     out.mkdir(parents=True)
     start = time.perf_counter()
-    with open(out / "predictions.jsonl", "ab") as lines:
+    with PeakMemory(torch.device(args.device)) as memory, open(out / "lines.jsonl", "ab") as lines:
         for number, path in enumerate(paths, start=1):
             image = segmentable(read_rgb_image(path), path)
             entities = segmenter(image)
@@ -651,7 +656,7 @@ def sequential_predict(checkpoint: Path, photos: Path, out: Path, args) -> float
             lines.write(b"\n")
             lines.flush()
             os.fsync(lines.fileno())
-    return time.perf_counter() - start
+    return time.perf_counter() - start, memory.peak_mb
 
 
 #: predict's summary line: this run's images, seconds, processes, and rank 0's peak memory

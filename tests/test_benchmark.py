@@ -91,6 +91,7 @@ def test_benchmark_rows_have_the_contract_keys_and_positive_times(tmp_path):
 def test_predict_throughput_rows_time_both_paths_on_the_same_photos(tmp_path):
     rows, stdout = run_benchmark(
         tmp_path,
+        "--backbone", "tiny",  # after TINY's swin_tiny: the quickest network to load and run
         "--tasks", "predict_throughput", "--photos", "2", "--no-hf",
         "--predict-workers", "0", "--predict-processes", "1",
         "--overrides", "data.test_short_size=64", "data.test_max_size=96",

@@ -185,7 +185,7 @@ def main(cfg: DictConfig) -> None:
             "wrote %s: the shards hold the predictions",
             write_index(outputs.folder, summary, record),
         )
-    seconds = time.perf_counter() - (progress.started or time.perf_counter())
+    seconds = time.perf_counter() - progress.started if progress.started else 0.0
     _report(summary, inputs, len(datamodule.todo), seconds, outputs.folder, trainer)
 
 

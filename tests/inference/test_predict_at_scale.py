@@ -208,16 +208,15 @@ def test_collate_groups_by_network_input_size_and_keeps_failures():
             "image_id": index + 1,
             "file_name": f"{index}.jpg",
             "num_skipped": 0,
-            "index": index,
             "name": f"{index}.jpg",
             "path": f"/x/{index}.jpg",
         }
 
-    failed = {"index": 1, "name": "1.jpg", "failure": "1.jpg: not an image file"}
+    failed = {"name": "1.jpg", "failure": "1.jpg: not an image file"}
     batch = collate_photos([sample(0, 96, 128), failed, sample(2, 64, 112), sample(3, 90, 100)])
     assert batch["failures"] == [failed]
     # 96 x 128 and 90 x 100 both go through the network as 96 x 128: one forward
-    assert [g["indices"].tolist() for g in batch["groups"]] == [[0, 3], [2]]
+    assert [g["names"] for g in batch["groups"]] == [["0.jpg", "3.jpg"], ["2.jpg"]]
     assert [tuple(g["images"].shape) for g in batch["groups"]] == [
         (2, 5, 3, 96, 128),
         (1, 5, 3, 64, 128),

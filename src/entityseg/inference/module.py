@@ -30,10 +30,10 @@ from entityseg.inference.settings import InferenceSettings
 
 @dataclass
 class PredictedImage:
-    """One image's entities per mode, and what its outputs need: where it came from (input
-    position, name, path), its id, the photo (for the overlay) and the forward time (ms)."""
+    """One image's entities per mode, and what its outputs need: where it came from (its
+    name relative to the input and its path; a data set's image: its file name), its id, the
+    photo (for the overlay) and the forward time (ms)."""
 
-    index: int
     name: str
     path: str
     image_id: int
@@ -80,19 +80,20 @@ class SegmenterModule(L.LightningModule):
                 self._forward, group, self.modes, self.device, self.settings
             )
             threshold = self.settings.score_threshold
+            names = group.get("names", group["file_names"])  # evaluate's: the file names
+            count = len(names)
             for n, image_id in enumerate(group["image_ids"].tolist()):
                 entities = {mode: fused[mode][n] for mode in self.modes}
                 if threshold > 0:
                     entities = {m: e.scoring_at_least(threshold) for m, e in entities.items()}
                 result.images.append(
                     PredictedImage(
-                        index=int(group["indices"][n]) if "indices" in group else n,
-                        name=group["names"][n] if "names" in group else group["file_names"][n],
-                        path=group["paths"][n] if "paths" in group else group["file_names"][n],
+                        name=names[n],
+                        path=group.get("paths", names)[n],
                         image_id=image_id,
                         entities=entities,
                         forward_ms=forward_ms,
-                        rgb=group["rgbs"][n] if "rgbs" in group else None,
+                        rgb=group.get("rgbs", [None] * count)[n],
                     )
                 )
         return result

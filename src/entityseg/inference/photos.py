@@ -15,7 +15,6 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from entityseg.data.coco_entity import read_rgb_image
@@ -32,19 +31,19 @@ from entityseg.inference.inputs import Inputs
 log = logging.getLogger(__name__)
 
 
-def failure(index: int, name: str, problem: str) -> dict:
+def failure(name: str, problem: str) -> dict:
     """The sample of a photo that cannot be predicted: which, and why (one line)."""
-    return {"index": index, "name": name, "failure": problem}
+    return {"name": name, "failure": problem}
 
 
 class PhotoDataset(Dataset):
     """The photos ``todo`` of ``inputs`` (input positions), with image ids ``image_ids``.
 
     A sample: ``images`` float[V, 3, h, w] and the rest of
-    :func:`~entityseg.data.views.prediction_views`, plus ``index`` (the input position),
-    ``name`` (relative to the input), ``path``, ``image_id`` and, with ``keep_image``, the
-    photo itself (``rgb`` uint8 [H, W, 3], for its overlay); or a :func:`failure`.
-    ``allowed``: when given (``gt=``), the names (or file names) that may be predicted.
+    :func:`~entityseg.data.views.prediction_views`, plus ``name`` (relative to the input),
+    ``path``, ``image_id`` and, with ``keep_image``, the photo itself (``rgb`` uint8
+    [H, W, 3], for its overlay); or a :func:`failure`. ``allowed``: when given (``gt=``), the
+    file names that may be predicted (``allowed_by`` names where they come from).
     """
 
     def __init__(
@@ -72,18 +71,17 @@ class PhotoDataset(Dataset):
         index = int(self.todo[position])
         item = self.inputs[index]
         if self.allowed is not None and item.path.name not in self.allowed:
-            return failure(index, item.name, f"{item.path}: not an image of {self.allowed_by}")
+            return failure(item.name, f"{item.path}: not an image of {self.allowed_by}")
         try:  # unreadable or too small to segment: an EntityDataError naming the photo
             image = segmentable(read_rgb_image(item.path), item.path)
             sample = prediction_views(image, self.views)
         except EntityDataError as err:
-            return failure(index, item.name, str(err))
+            return failure(item.name, str(err))
         except Exception as err:  # one photo's failure must not stop the others
             log.debug("%s failed", item.path, exc_info=True)
             reason = str(err).splitlines()[0] if str(err) else ""
-            return failure(index, item.name, f"{item.path}: {type(err).__name__}: {reason}")
+            return failure(item.name, f"{item.path}: {type(err).__name__}: {reason}")
         sample.update(
-            index=index,
             name=item.name,
             path=str(item.path),
             image_id=int(self.image_ids[position]),
@@ -104,8 +102,8 @@ def input_size(sample: dict) -> tuple[int, ...]:
 
 def collate_photos(samples: Sequence[dict]) -> dict:
     """A loaded batch: ``groups``, the samples of each network input size collated
-    (:func:`~entityseg.data.views.collate_views`, plus their ``indices``, ``names``, ``paths``
-    and ``rgbs``), in the order each size first appears; and the ``failures``."""
+    (:func:`~entityseg.data.views.collate_views`, plus their ``names``, ``paths`` and
+    ``rgbs``), in the order each size first appears; and the ``failures``."""
     by_size: dict[tuple[int, ...], list[dict]] = {}
     failures = []
     for sample in samples:
@@ -117,7 +115,6 @@ def collate_photos(samples: Sequence[dict]) -> dict:
     for group in by_size.values():
         batch = collate_views(group)
         batch.update(
-            indices=torch.tensor([s["index"] for s in group], dtype=torch.long),
             names=[s["name"] for s in group],
             paths=[s["path"] for s in group],
             rgbs=[s.get("rgb") for s in group],
