@@ -141,7 +141,7 @@ def test_id_map_and_overlay_are_predicts_pictures(photos, predicted, listed):
         stem = name.rsplit(".", 1)[0]
         id_map = entities.to_id_map()
         assert id_map.dtype == np.uint16
-        assert np.array_equal(id_map, np.asarray(Image.open(out / f"{stem}.png")))
+        assert np.array_equal(id_map, np.asarray(Image.open(out / f"{stem}_entities.png")))
         image = read_rgb_image(photos / name)
         overlay = entities.overlay(image)
         encoded = io.BytesIO()
@@ -158,7 +158,9 @@ def test_id_map_and_overlay_are_predicts_pictures(photos, predicted, listed):
         assert (plain[id_map > 0] != image[id_map > 0]).any()
         # the boxes add the crop outlines and nothing else
         on_box = np.zeros(id_map.shape, bool)
-        for x0, y0, x1, y1 in entities.crop_boxes.int().tolist():
+        for k, (x0, y0, x1, y1) in enumerate(entities.crop_boxes.int().tolist()):
+            inset = k % 4  # each crop drawn one pixel wide, inset by its rank (viz.draw_boxes)
+            x0, y0, x1, y1 = x0 + inset, y0 + inset, x1 - inset, y1 - inset
             for band in (
                 np.s_[y0 : y0 + 1, x0:x1],
                 np.s_[y1 - 1 : y1, x0:x1],
@@ -358,3 +360,70 @@ def test_segment_modes_gives_each_mode_as_alone(segmenter, photos):
     for mode, entities in together.items():
         alone = segmenter.segment(image, mode)
         assert entities.rles == alone.rles and entities.scores.tolist() == alone.scores.tolist()
+
+
+def test_every_method_takes_what_call_takes_with_every_mode_by_default(segmenter, photos):
+    path = photos / "rotated.jpg"
+    by_path = segmenter.segment_modes(path)  # a path, as __call__ takes it (it raised before)
+    assert (
+        list(by_path) == segmenter.usable_modes() == ["image_o", "batch_o", "batch_c", "batch_oc"]
+    )
+    by_pil = segmenter.segment_modes(Image.open(path), ["batch_oc"])
+    assert by_pil["batch_oc"].rles == by_path["batch_oc"].rles == segmenter(path).rles
+    assert segmenter.segment(str(path), "image_o").rles == by_path["image_o"].rles
+
+
+def test_entities_print_in_one_short_line(segmenter, photos):
+    entities = segmenter(photos / "rotated.jpg")
+    height, width = entities.image_size
+    low, high = entities.scores.min().item(), entities.scores.max().item()
+    assert repr(entities) == (
+        f"Entities({len(entities)} of a {width}x{height} image, scores {low:.2f}-{high:.2f}, "
+        f"{len(entities.crop_boxes)} crops)"
+    )
+    assert "counts" not in repr(entities)  # no RLE string floods a notebook cell
+
+
+def test_coco_json_of_many_images_is_read_by_training_and_scores_itself_perfectly(
+    segmenter, photos, tmp_path
+):
+    from entityseg import coco_json
+    from entityseg.data.coco_entity import load_entity_json
+    from entityseg.evaluation.entity_ap import evaluate
+
+    names = ["rgb.jpg", "rotated.jpg"]
+    entities = {name: segmenter(photos / name) for name in names}
+    data = coco_json(entities.items())
+    assert [(i["id"], i["file_name"]) for i in data["images"]] == [
+        (1, "rgb.jpg"),
+        (2, "rotated.jpg"),
+    ]
+    assert len(data["annotations"]) == sum(len(e) for e in entities.values())
+    assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
+    first = data["annotations"][0]
+    assert first["segmentation"] == entities["rgb.jpg"].rles[0]
+    assert first["area"] == int(mask_utils.area(first["segmentation"]))
+    assert first["bbox"] == mask_utils.toBbox(first["segmentation"]).tolist()
+    path = tmp_path / "pseudo_labels.json"
+    path.write_text(json.dumps(data))
+    records = load_entity_json(path, photos)  # as training reads its data
+    assert [len(r.annotations) for r in records] == [len(entities[n]) for n in names]
+    results = [r for image_id, n in enumerate(names, 1) for r in entities[n].to_coco(image_id)]
+    assert evaluate(path, results)["AP"] == pytest.approx(100.0)
+
+
+def test_only_the_modes_that_fuse_crops_carry_and_draw_their_boxes(segmenter, photos):
+    image = read_rgb_image(photos / "rgb.jpg")
+    by_mode = segmenter.segment_modes(image)
+    assert {m: len(e.crop_boxes) for m, e in by_mode.items()} == {
+        "image_o": 0,  # the full view alone: no crop was used, none is drawn
+        "batch_o": 0,
+        "batch_c": 8,
+        "batch_oc": 8,
+    }
+    assert np.array_equal(
+        by_mode["image_o"].overlay(image), by_mode["image_o"].overlay(image, boxes=False)
+    )
+    assert not np.array_equal(
+        by_mode["batch_oc"].overlay(image), by_mode["batch_oc"].overlay(image, boxes=False)
+    )

@@ -131,9 +131,12 @@ def test_downloads_are_what_predict_writes(client, checkpoint, segmenter, photos
         )
         files = downloads_of(outputs)
         assert sorted(files) == sorted(
-            [f"{stem}.png", f"{stem}_overlay.jpg", f"{stem}_predictions.json"]
+            [f"{stem}_entities.png", f"{stem}_overlay.jpg", f"{stem}_predictions.json"]
         )
-        assert files[f"{stem}.png"].read_bytes() == (out / f"{stem}.png").read_bytes()
+        assert (
+            files[f"{stem}_entities.png"].read_bytes()
+            == (out / f"{stem}_entities.png").read_bytes()
+        )
         assert (
             files[f"{stem}_overlay.jpg"].read_bytes() == (out / f"{stem}_overlay.jpg").read_bytes()
         )
@@ -145,7 +148,7 @@ def test_downloads_are_what_predict_writes(client, checkpoint, segmenter, photos
         ]
         assert all(r["score"] >= threshold for r in app_records)
         assert outputs[2].startswith(f"**{len(app_records)} entities (Batch-OC)")
-        id_map = np.asarray(Image.open(files[f"{stem}.png"]))
+        id_map = np.asarray(Image.open(files[f"{stem}_entities.png"]))
         assert id_map.dtype == np.uint16 and id_map.max() == len(app_records)
         dropped += len(
             segmenter.replace(test_crop_layout="fixed8", crop_delta=0.6)(photos / name)

@@ -127,9 +127,9 @@ def test_upload_and_segment_batch_oc_in_chromium(browser, tmp_path):
         page.wait_for_function("document.querySelector('#comparison img')?.naturalWidth > 0")
         links = {
             name: page.locator(f"#downloads a[download='{photo.stem}{name}']").get_attribute("href")
-            for name in (".png", "_overlay.jpg", "_predictions.json")
+            for name in ("_entities.png", "_overlay.jpg", "_predictions.json")
         }
-        with urllib.request.urlopen(links[".png"], timeout=30) as response:
+        with urllib.request.urlopen(links["_entities.png"], timeout=30) as response:
             id_map = np.asarray(Image.open(io.BytesIO(response.read())))
         assert np.array_equal(id_map, entities.to_id_map())  # the download, as a user gets it
         shot = tmp_path / "app.png"

@@ -119,7 +119,7 @@ def test_predict_on_a_folder_with_a_bad_file(checkpoint, predicted, tmp_path):
     assert result.returncode == 1
     assert f"{images / 'broken.jpg'}: not an image file" in result.stdout + result.stderr
     for stem in PREDICTED_STEMS:
-        id_map = np.asarray(Image.open(out / f"{stem}.png"))
+        id_map = np.asarray(Image.open(out / f"{stem}_entities.png"))
         assert id_map.dtype == np.uint16 and id_map.max() > 0
         assert (out / f"{stem}_overlay.jpg").is_file()
     predictions = json.loads((out / "predictions.json").read_text())
@@ -170,10 +170,10 @@ def test_predict_resumes_an_interrupted_run(checkpoint, predicted, tmp_path):
     (killed / "predictions.json").unlink()
     killed_shard = killed / "predictions.rank0.jsonl"
     killed_shard.write_bytes(header + skip + lines[0] + lines[1][: len(lines[1]) // 2])
-    png = (clean / f"{second}.png").read_bytes()
-    (killed / f"{second}.png").write_bytes(png[: len(png) // 2])
-    (killed / f".{third}.png.partial").write_bytes(png[: len(png) // 3])
-    for name in (f"{third}.png", f"{third}_overlay.jpg"):
+    png = (clean / f"{second}_entities.png").read_bytes()
+    (killed / f"{second}_entities.png").write_bytes(png[: len(png) // 2])
+    (killed / f".{third}_entities.png.partial").write_bytes(png[: len(png) // 3])
+    for name in (f"{third}_entities.png", f"{third}_overlay.jpg"):
         (killed / name).unlink()
 
     result = predict(checkpoint, tmp_path, images, killed, "inference.mode=batch_oc")
@@ -182,8 +182,8 @@ def test_predict_resumes_an_interrupted_run(checkpoint, predicted, tmp_path):
     assert (killed / "predictions.json").read_text() == clean_json  # every image once
     for stem in PREDICTED_STEMS:
         assert np.array_equal(
-            np.asarray(Image.open(killed / f"{stem}.png")),
-            np.asarray(Image.open(clean / f"{stem}.png")),
+            np.asarray(Image.open(killed / f"{stem}_entities.png")),
+            np.asarray(Image.open(clean / f"{stem}_entities.png")),
         )
         assert (killed / f"{stem}_overlay.jpg").is_file()
     _, _, *resumed = killed_shard.read_bytes().splitlines(keepends=True)

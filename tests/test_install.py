@@ -111,7 +111,7 @@ def test_installed_commands_and_api_run_outside_the_checkout(installed, checkpoi
     settings = json.loads(shard.splitlines()[0])["settings"]
     assert settings["views.crop_layout"] == "fixed8"  # the checkpoint's views, no experiment=
     assert settings["views.crop_delta"] == 0.6
-    assert (work / "out/photo.png").is_file()
+    assert (work / "out/photo_entities.png").is_file()
     predictions = json.loads((work / "out/predictions.json").read_text())
 
     script = (

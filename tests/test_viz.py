@@ -77,3 +77,19 @@ def test_fit_within_shrinks_only_large_pictures():
     picture = np.zeros((300, 1200, 3), np.uint8)
     assert fit_within(picture, 600).shape == (150, 600, 3)
     assert fit_within(picture, 2000) is picture
+
+
+def test_overlapping_crops_are_thin_rectangles_each_in_its_own_colour():
+    from entityseg.data.crops import crop_boxes
+    from entityseg.viz import CROP_COLORS, draw_boxes
+
+    image = np.zeros((300, 400, 3), np.uint8)
+    boxes = crop_boxes(300, 400, "fixed4", 0.7)  # the four corners, overlapping in the middle
+    assert boxes == [(0, 0, 280, 210), (120, 0, 400, 210), (0, 90, 280, 300), (120, 90, 400, 300)]
+    drawn = draw_boxes(image, boxes)
+    # an outer edge of each crop where no other crop runs: its own colour, inset by its rank
+    edges = {0: (50, 0), 1: (50, 399 - 1), 2: (250, 0 + 2), 3: (250, 399 - 3)}
+    for k, (y, x) in edges.items():
+        assert tuple(drawn[y, x]) == CROP_COLORS[k], (k, drawn[y, x])
+    assert len(set(CROP_COLORS[:4])) == 4
+    assert tuple(drawn[50, 1]) == (0, 0, 0)  # one pixel wide at this size

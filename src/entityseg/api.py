@@ -33,7 +33,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -44,7 +43,7 @@ from entityseg.data.views import ViewConfig, collate_views, prediction_views
 from entityseg.inference.cuda_graphs import graphed
 from entityseg.inference.fusion import Entities
 from entityseg.inference.runner import ModeResults, run_modes
-from entityseg.inference.settings import InferenceSettings, check_mode
+from entityseg.inference.settings import INFERENCE_MODES, InferenceSettings, check_mode
 from entityseg.interop.release import release_sized, release_view_keys
 from entityseg.models.checkpoint import (
     INFERENCE_KEY,
@@ -310,19 +309,26 @@ class EntitySegmenter:
         ``settings.mode``. An unreadable file raises ``EntityDataError`` naming it.
         """
         single = not isinstance(images, list | tuple)
-        entities = [self.segment(rgb_image(x), mode) for x in ([images] if single else images)]
+        entities = [self.segment(x, mode) for x in ([images] if single else images)]
         return entities[0] if single else entities
 
-    def segment(self, image: np.ndarray, mode: str | None = None) -> Entities:
-        """The entities of one RGB uint8 image [H, W, 3] (a checked array: ``__call__``)."""
+    def segment(self, image: ImageInput, mode: str | None = None) -> Entities:
+        """The entities of one image (anything :meth:`__call__` takes) in ``mode`` (default
+        ``settings.mode``)."""
         (mode,) = self.usable_modes([mode or self.settings.mode])
         return self.segment_modes(image, [mode])[mode]
 
-    def segment_modes(self, image: np.ndarray, modes: Sequence[str]) -> dict[str, Entities]:
-        """The entities of one RGB uint8 image [H, W, 3] in each of ``modes`` (the batch modes
-        share one forward of the views), e.g. Image-O beside Batch-OC. A mode the network
-        cannot run is left out (:meth:`usable_modes`)."""
-        sample = prediction_views(image, self.views)  # images [V, 3, h, w], crop_boxes [V, 4]
+    def segment_modes(
+        self, image: ImageInput, modes: Sequence[str] | None = None
+    ) -> dict[str, Entities]:
+        """The entities of one image (anything :meth:`__call__` takes) in each of ``modes``
+        (default: every mode this network runs; the batch modes share one forward of the
+        views), e.g. Image-O beside Batch-OC. A mode the network cannot run is left out
+        (:meth:`usable_modes`)."""
+        for mode in modes or ():
+            check_mode(mode)
+        modes = self.usable_modes(modes)
+        sample = prediction_views(rgb_image(image), self.views)  # images [V, 3, h, w]
         sample.update(image_id=0, file_name="", num_skipped=0)
         results = self.run([collate_views([sample])], modes, show_progress=False)
         return {mode: result.entities[0] for mode, result in results.items()}
@@ -390,9 +396,11 @@ class EntitySegmenter:
         else:
             self.origin = {"checkpoint": str(Path(path).resolve())}
 
-    def usable_modes(self, modes: Sequence[str]) -> list[str]:
-        """``modes`` without those the network cannot run: a Mask2Former network (no batch
-        decoder) runs ``image_o`` instead of the batch modes (one log line)."""
+    def usable_modes(self, modes: Sequence[str] | None = None) -> list[str]:
+        """``modes`` (default: all four of Table 7) without those the network cannot run: a
+        Mask2Former network (no batch decoder) runs ``image_o`` instead of the batch modes
+        (one log line)."""
+        modes = list(INFERENCE_MODES if modes is None else modes)
         if self.net.has_batch_decoder or all(m == "image_o" for m in modes):
             return list(modes)
         log.info(

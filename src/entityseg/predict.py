@@ -3,7 +3,7 @@
 ``python -m entityseg.predict ckpt_path=... input=<image | folder | glob | list.txt>
 output=<folder> [input_recursive=true] [inference.mode=batch_oc]`` writes, per image, under
 the subfolders it has in the input (``a/1.jpg`` and ``b/1.jpg`` do not clash):
-``<stem>.png`` (16-bit entity-id map, 0 = none, 1 = the highest-scoring entity) and
+``<stem>_entities.png`` (16-bit entity-id map, 0 = none, 1 = the highest-scoring entity) and
 ``<stem>_overlay.jpg`` (coloured entities with outlines and the crop boxes), as
 ``save_pictures=all|id_map|none`` asks; with ``output_format=per_image``, ``<stem>.json`` in
 SA-1B's layout. At the end ``predictions.json`` holds the COCO results (with ``file_name``,

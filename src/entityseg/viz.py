@@ -59,14 +59,39 @@ def overlay_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> 
     return overlay_id_map(image, id_map_from_masks(masks, *image.shape[:2]), alpha)
 
 
+#: One colour per crop (RGB), so overlapping crops read as separate rectangles, not a grid.
+CROP_COLORS = [
+    (255, 64, 0),
+    (0, 160, 255),
+    (255, 210, 0),
+    (200, 0, 255),
+    (0, 220, 120),
+    (255, 0, 140),
+    (140, 90, 0),
+    (0, 90, 200),
+]
+
+
 def draw_boxes(
-    image: np.ndarray, boxes: Sequence[Sequence[float]], color: tuple[int, int, int] = (255, 64, 0)
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    color: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
-    """Draw ``(x0, y0, x1, y1)`` boxes (e.g. the crops I^C) on a copy of an RGB image."""
+    """Draw ``(x0, y0, x1, y1)`` boxes (e.g. the crops I^C) on a copy of an RGB image: thin,
+    each in its own colour of :data:`CROP_COLORS` (or all in ``color``) and each inset by its
+    rank, so the four overlapping fixed crops show as four rectangles rather than the nine
+    tiles their thick edges would draw."""
     out = np.ascontiguousarray(image).copy()
-    thickness = max(1, round(min(out.shape[:2]) / 200))
-    for x0, y0, x1, y1 in boxes:
-        cv2.rectangle(out, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), color, thickness)
+    thickness = max(1, round(min(out.shape[:2]) / 500))
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        inset = k % 4 * thickness  # crops sharing an edge of the image stay apart
+        cv2.rectangle(
+            out,
+            (int(x0) + inset, int(y0) + inset),
+            (int(x1) - 1 - inset, int(y1) - 1 - inset),
+            color or CROP_COLORS[k % len(CROP_COLORS)],
+            thickness,
+        )
     return out
 
 

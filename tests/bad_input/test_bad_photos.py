@@ -157,16 +157,19 @@ def predict_here(checkpoint, input, output):
 
 
 def test_predict_refuses_to_write_over_its_input(checkpoint, tmp_path):
-    photo = tmp_path / "photo.png"
-    scene(48, 64).save(photo)
-    before = photo.read_bytes()
+    """Outputs are named so that a photo is never one (``photo.png`` gives
+    ``photo_entities.png``), but a folder may hold a photo named as another's output."""
+    scene(48, 64).save(tmp_path / "photo.png")
+    overlay = tmp_path / "photo_overlay.jpg"  # what predicting photo.png into here would write
+    scene(48, 64, seed=2).save(overlay)
+    before = overlay.read_bytes()
     with pytest.raises(SystemExit) as stop:
         predict_here(checkpoint, tmp_path, tmp_path)
     assert str(stop.value) == (
-        f"output={tmp_path}: predict would write {photo}, which is the input {photo}: "
+        f"output={tmp_path}: predict would write {overlay}, which is the input {overlay}: "
         "choose another output= folder"
     )
-    assert photo.read_bytes() == before
+    assert overlay.read_bytes() == before
     assert not list(tmp_path.glob("predictions*"))
 
 

@@ -115,7 +115,7 @@ def test_single_process_run_names_outputs_by_their_subfolders(tree):
     )
     for name in GOOD:  # a/1.jpg and b/c/1.jpg apart
         stem = name.rsplit(".", 1)[0]
-        id_map = np.asarray(Image.open(single / f"{stem}.png"))
+        id_map = np.asarray(Image.open(single / f"{stem}_entities.png"))
         assert id_map.shape == np.asarray(Image.open(photos / name)).shape[:2]
         assert (single / f"{stem}_overlay.jpg").is_file()
     ids = {r["file_name"]: r["image_id"] for r in results}
@@ -135,7 +135,7 @@ def test_two_processes_give_each_image_once_and_the_entities_of_one(tree):
     assert all(shards) and not set(shards[0]) & set(shards[1])  # disjoint shares
     assert set(shards[0]) | set(shards[1]) == {*GOOD, BAD}
     for name in GOOD:
-        png = f"{name.rsplit('.', 1)[0]}.png"
+        png = f"{name.rsplit('.', 1)[0]}_entities.png"
         assert np.array_equal(
             np.asarray(Image.open(out / png)), np.asarray(Image.open(single / png))
         )
@@ -244,7 +244,9 @@ def test_a_list_input_per_image_jsons_and_shards_without_merge(tree):
     assert (index["images"], index["skipped"]) == (2, 0)
     reference = predictions(single)
     for name in ("b/c/1", "a/1"):  # relative to the folder holding every listed photo
-        assert (out / f"{name}.png").is_file() and not (out / f"{name}_overlay.jpg").exists()
+        assert (out / f"{name}_entities.png").is_file() and not (
+            out / f"{name}_overlay.jpg"
+        ).exists()
     sa1b = json.loads((out / "b/c/1.json").read_text())
     assert sa1b["image"] == {"image_id": 1, "width": 128, "height": 96, "file_name": "b/c/1.jpg"}
     expected = [r for r in reference if r["file_name"] == "b/c/1.jpg"]

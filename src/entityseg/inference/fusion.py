@@ -83,7 +83,7 @@ _ROW_BLOCK = 256  # rows per bincount when summing the id map, to bound the int6
 Box = tuple[int, int, int, int]
 
 
-@dataclass
+@dataclass(repr=False)
 class Entities:
     """Entities of one image in its original pixels, best score first (all on the CPU).
 
@@ -96,12 +96,19 @@ class Entities:
     scores: torch.Tensor  # float[K], descending
     query_indices: torch.Tensor  # long[K], the query each entity comes from
     image_size: tuple[int, int]  # (H, W) of the original image
-    #: float[k, 4] the test crops I^C the image was cut into, (x0, y0, x1, y1) in its pixels,
-    #: whatever the mode fused (Image-O: the full view only); empty when not known
+    #: float[k, 4] the test crops I^C the mode fused, (x0, y0, x1, y1) in the image's pixels:
+    #: none for Image-O and Batch-O (the full view alone), or when not known
     crop_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
 
     def __len__(self) -> int:
         return len(self.rles)
+
+    def __repr__(self) -> str:
+        """One line (a notebook cell shows it): how many, of what image, which scores."""
+        height, width = self.image_size
+        scores = f", scores {self.scores.min():.2f}-{self.scores.max():.2f}" if len(self) else ""
+        crops = f", {len(self.crop_boxes)} crops" if len(self.crop_boxes) else ""
+        return f"Entities({len(self)} of a {width}x{height} image{scores}{crops})"
 
     @property
     def areas(self) -> torch.Tensor:

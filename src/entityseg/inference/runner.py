@@ -23,7 +23,7 @@ from rich.progress import track
 from torch import nn
 
 from entityseg.data.views import SIZE_DIVISIBILITY
-from entityseg.inference.fusion import Entities, fuse_entities
+from entityseg.inference.fusion import Entities, fuse_entities, views_for_mode
 from entityseg.inference.settings import InferenceSettings
 from entityseg.models.outputs import CropFormerOutput
 
@@ -76,8 +76,9 @@ def fuse_modes(
 
     ``views`` limits the batch's crop boxes to the first views, when the network saw only those.
     Outputs of any float dtype are fused in float32, as ``settings`` say
-    (:func:`~entityseg.inference.fusion.fuse_entities`). Each image's entities carry the
-    batch's crop boxes of that image (``Entities.crop_boxes``), whichever views the mode fused.
+    (:func:`~entityseg.inference.fusion.fuse_entities`). Each image's entities carry the boxes
+    of the crops their mode fused (``Entities.crop_boxes``: none for ``image_o`` and
+    ``batch_o``, which see the full view alone).
     """
     outputs = outputs.float()  # float32 logits and masks (bf16 under autocast)
     image_sizes = batch["image_sizes"]
@@ -94,10 +95,12 @@ def fuse_modes(
         )
         for mode in modes
     }
-    crops = batch["crop_boxes"][:, 1:].cpu()  # [N, V - 1, 4]
-    for per_image in fused.values():
-        for entities, boxes in zip(per_image, crops, strict=True):
-            entities.crop_boxes = boxes.clone()
+    boxes = batch["crop_boxes"].cpu()  # [N, V, 4]
+    for mode, per_image in fused.items():
+        # the crops this mode fused: none for image_o and batch_o, which see I^O alone
+        crops = [v for v in views_for_mode(mode, boxes.shape[1]) if v > 0]
+        for entities, image_boxes in zip(per_image, boxes, strict=True):
+            entities.crop_boxes = image_boxes[crops].clone()  # [k, 4]
     return fused
 
 

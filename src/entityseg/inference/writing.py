@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 
 from entityseg.atomic_checkpoint import fsync_folder
 from entityseg.config import UserError
+from entityseg.data.coco_entity import ENTITY_CATEGORY
 from entityseg.data.errors import EntityDataError
 from entityseg.data.rle import describe
 from entityseg.evaluation.entity_ap import read_ground_truth
@@ -70,9 +72,10 @@ def image_ids_from_gt(gt_json: str | None) -> dict[str, int]:
 
 
 def picture_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """The entity-id PNG and the overlay JPEG of an image; ``stem``: its name without the
-    suffix, with the subfolders it has under the input (``a/1`` for ``a/1.jpg``)."""
-    return out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.jpg"
+    """The entity-id PNG and the overlay JPEG of an image, named so that neither can be taken
+    for the photo (``photo.png`` gives ``photo_entities.png``); ``stem``: the photo's name
+    without the suffix, with the subfolders it has under the input (``a/1`` for ``a/1.jpg``)."""
+    return out_dir / f"{stem}_entities.png", out_dir / f"{stem}_overlay.jpg"
 
 
 def image_json_path(out_dir: Path, stem: str) -> Path:
@@ -121,6 +124,44 @@ def write_pictures(
         _save_then_rename(Image.fromarray(overlay), overlay_jpg, "JPEG", quality=90)
     fsync_folder(png.parent)
     return overlay
+
+
+def coco_json(images: Iterable[tuple[str, Entities]]) -> dict:
+    """A whole COCO json of the entities of many images, as training
+    (:func:`~entityseg.data.coco_entity.load_entity_json`) and evaluation read one:
+    ``images`` (ids from 1, ``file_name`` as given, height, width), ``annotations`` (one per
+    entity: COCO RLE ``segmentation``, ``area``, ``bbox`` XYWH, ``iscrowd`` 0, the one
+    class-agnostic category, and the entity's ``score``, which readers of ground truth
+    ignore) and ``categories``. ``images``: (file name, its entities) pairs, e.g.
+    ``[(p.name, segmenter(p)) for p in photos]``: pseudo-labels to train or score on.
+    """
+    data: dict = {"images": [], "annotations": [], "categories": [dict(ENTITY_CATEGORY)]}
+    for image_id, (file_name, entities) in enumerate(images, start=1):
+        height, width = entities.image_size
+        data["images"].append(
+            {"id": image_id, "file_name": str(file_name), "height": height, "width": width}
+        )
+        boxes = mask_utils.toBbox(entities.rles).tolist() if entities.rles else []
+        for rle, area, box, score in zip(
+            entities.rles,
+            entities.areas.tolist(),
+            boxes,
+            entities.scores.tolist(),
+            strict=True,
+        ):
+            data["annotations"].append(
+                {
+                    "id": len(data["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": ENTITY_CATEGORY["id"],
+                    "segmentation": rle,
+                    "area": int(area),
+                    "bbox": [float(v) for v in box],
+                    "iscrowd": 0,
+                    "score": float(score),
+                }
+            )
+    return data
 
 
 def write_image_json(
