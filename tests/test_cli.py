@@ -250,3 +250,26 @@ def test_table7_sweep_from_one_checkpoint(checkpoint, tmp_path):
     ):
         (row,) = json.loads(run.read_text())  # each run evaluated one mode
         assert line.split(" | ")[1:4] == [f"{row[k]:.1f}" for k in ("AP", "AP50", "AP75")]
+
+
+def test_predict_help_lists_its_own_keys_with_their_defaults():
+    from omegaconf import OmegaConf
+
+    result = run_python("-m", "entityseg.predict", "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "gradient_clip_val" not in text and "max_steps" not in text  # not Swin-L's training
+    assert "come from the\ncheckpoint" in text
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("predict", overrides=["ckpt_path=x", "input=y"])
+    listed = text.split("== predict's keys (default) ==\n")[1].split("\n\n")[0].splitlines()
+    checked = 0
+    for line in listed:
+        key, _, rest = line.partition("=")
+        if key in ("ckpt_path", "input", "output", "trainer"):  # required, or not a value
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        shown = "null" if value is None else str(value).lower()
+        assert rest.split()[0] == shown, (key, rest, value)  # the help keeps up with conf/
+        checked += 1
+    assert checked == 11

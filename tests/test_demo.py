@@ -37,6 +37,9 @@ def test_demo_trains_evaluates_both_models_and_draws_them(tmp_path, capsys):
     assert card_info.recipe["experiment"] == "demo" and card_info.dataset == "synthetic"
     printed = capsys.readouterr().out
     assert "Trained (" in printed and "Untrained (same initialisation):" in printed
+    # what the model is (not one for real photos), where a user first meets it
+    assert "on real photos it finds colour and texture blobs" in printed
+    assert "ckpt_path=cropformer_hornet_3x" in printed
     assert [line.split(":")[0] for line in printed.splitlines() if "untrained ->" in line] == [
         f"AP^e_50 {mode}" for mode in MODES
     ]

@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, collected_table, run_python
+from entityseg.config import ConfigError
 from entityseg.hub.card import read_card_info
 from entityseg.training import train
 
@@ -36,10 +37,15 @@ def config(tmp_path, *overrides):
         )
 
 
-def test_fast_dev_run_trains_validates_and_tests(tmp_path):
+def test_fast_dev_run_trains_validates_and_tests(tmp_path, capsys):
     metrics, _ = train(config(tmp_path, "+trainer.fast_dev_run=true", "test=true"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert {"test/ap_image_o", "test/ap_batch_oc", "test/ap50_batch_c"} <= set(metrics)
+    printed = capsys.readouterr().out  # the end of fit: validation's Table 7, the run's folder
+    table = printed.split("AP^e of the last validation:\n")[1]
+    assert table.startswith("| Decoder | AP^e | AP^e_50 | AP^e_75 | forward (ms) |")
+    assert f"| Batch-OC | {metrics['val/ap_batch_oc']:.1f} |" in table
+    assert f"Run folder: {tmp_path / 'run'}" in printed
 
 
 def test_killed_run_resumes_to_the_same_step_count(tmp_path):
@@ -65,6 +71,13 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path):
     assert not list(last.parent.glob("*.tmp"))  # atomic writes leave no partial file
     train(config(tmp_path, *common, f"ckpt_path={last}"))
     assert torch.load(last, weights_only=True)["global_step"] == 8  # as if never killed
+    with pytest.raises(ConfigError) as finished:  # resuming a finished run: one line, no fit
+        train(config(tmp_path, *common, f"ckpt_path={last}"))
+    assert str(finished.value) == (
+        f"ckpt_path={str(last)!r}: its run already trained 8 of trainer.max_steps=8 steps: "
+        f"nothing is left to resume. To fine-tune from it, give model.init_from={last} instead "
+        "(its weights, a new step count); to train on, raise trainer.max_steps"
+    )
     # the same training checkpoint starts a fine-tuning (model.init_from=): both read it with
     # weights_only=True (optimiser, loops and hyper-parameters included); the fine-tuning takes
     # the weights only and counts its own steps from 0 (a resumed run would be at step 8)

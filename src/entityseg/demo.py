@@ -33,6 +33,14 @@ from entityseg.viz import compare_modes
 
 log = logging.getLogger(__name__)
 
+#: What the demo's model is, said where a user first meets it.
+DEMO_MODEL_NOTE = (
+    "This model is a tiny network trained for a few minutes on synthetic scenes: on real photos "
+    "it finds colour and texture blobs, not entities. For real photos use a released model: "
+    "ckpt_path=cropformer_hornet_3x, or EntitySegmenter.from_pretrained('cropformer_hornet_3x') "
+    "(docs/model-zoo.md)."
+)
+
 
 def evaluate_net(
     segmenter: EntitySegmenter, datamodule, out_dir: Path, name: str
@@ -89,6 +97,7 @@ def main(cfg: DictConfig) -> None:
         f"\nPictures: {out / 'pictures'}\nTensorBoard: .venv/bin/tensorboard --logdir "
         f"{out / 'tensorboard'}\n"
     )
+    print(DEMO_MODEL_NOTE)
 
 
 if __name__ == "__main__":

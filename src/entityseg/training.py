@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from entityseg import zoo
 from entityseg.config import ConfigError, instantiate_checked
 from entityseg.evaluation.entity_ap import metrics_json
+from entityseg.evaluation.table7 import markdown_table, rows_from_metrics
 from entityseg.hub import HubError, resolve_model
 from entityseg.hub.card import write_model_card
 from entityseg.hub.release import release_init_folder
@@ -68,7 +69,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], str]:
             cfg, metrics, model.net.config, cfg.get("base_model"), steps=trainer.global_step
         )
         log.info("model card: %s", write_model_card(Path(best).parent, card))
+    if trainer.is_global_zero:
+        _print_summary(metrics, best, out)
     return metrics, best
+
+
+def _print_summary(metrics: dict[str, float], best: str, out: Path) -> None:
+    """The last validation's AP^e of every mode (as ``evaluate`` prints Table 7), and where
+    the run's files are."""
+    rows = rows_from_metrics(metrics, "val")
+    if rows:
+        print(f"\nAP^e of the last validation:\n{markdown_table(rows)}")
+    print(f"Run folder: {out}" + (f"\nBest checkpoint: {best}" if best else ""))
 
 
 def resolve_init_from(cfg: DictConfig) -> str | None:
@@ -128,13 +140,23 @@ def check_release_init(cfg: DictConfig) -> None:
 
 def check_resume_checkpoint(cfg: DictConfig) -> None:
     """Read ``ckpt_path`` as Lightning will resume from it (``weights_only=True``), so that a
-    wrong, broken or crafted file stops in one line before anything is built."""
+    wrong, broken or crafted file, or a run with no step left to train (a finished run, where
+    ``model.init_from`` was meant), stops in one line before anything is built."""
     if cfg.get("ckpt_path") is None:
         return
     try:
-        read_checkpoint(cfg.ckpt_path)
+        checkpoint = read_checkpoint(cfg.ckpt_path)
     except (FileNotFoundError, CheckpointError) as err:
         raise ConfigError("ckpt_path", cfg.ckpt_path, str(err)) from None
+    steps, max_steps = checkpoint.get("global_step"), cfg.trainer.get("max_steps")
+    if isinstance(steps, int) and isinstance(max_steps, int) and 0 < max_steps <= steps:
+        raise ConfigError(
+            "ckpt_path",
+            cfg.ckpt_path,
+            f"its run already trained {steps} of trainer.max_steps={max_steps} steps: nothing "
+            f"is left to resume. To fine-tune from it, give model.init_from={cfg.ckpt_path} "
+            "instead (its weights, a new step count); to train on, raise trainer.max_steps",
+        )
 
 
 def apply_global_batch_size(cfg: DictConfig, world_size: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from entityseg.evaluation.entity_ap import evaluate as entity_ap
 from entityseg.inference.runner import ModeResults
-from entityseg.inference.settings import PAPER_NAMES
+from entityseg.inference.settings import INFERENCE_MODES, PAPER_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,24 @@ def flat_metrics(rows: list[dict], split: str = "test") -> dict[str, float]:
     """Table 7 rows as the flat metrics training logs (``test/ap50_batch_oc``), for
     ``metrics.json`` and the model card."""
     return {f"{split}/{k}_{r['mode']}": r[m] for r in rows for k, m in METRIC_KEYS.items()}
+
+
+def rows_from_metrics(metrics: Mapping[str, float], split: str = "val") -> list[dict]:
+    """Table 7 rows of the modes logged in flat metrics (``val/ap_batch_oc``, ...: the inverse
+    of :func:`flat_metrics`), without forward times: what training prints at its end."""
+    rows = []
+    for mode in INFERENCE_MODES:
+        if f"{split}/ap_{mode}" in metrics:
+            row = {"mode": mode, "decoder": PAPER_NAMES[mode], "forward_ms": None}
+            row.update(
+                {
+                    m: metrics[f"{split}/{k}_{mode}"]
+                    for k, m in METRIC_KEYS.items()
+                    if k != "forward_ms"
+                }
+            )
+            rows.append(row)
+    return rows
 
 
 def mode_predictions(
@@ -84,7 +102,7 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|",
         *(
             f"| {r['decoder']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | "
-            f"{r['forward_ms']:.0f} |"
+            f"{'-' if r['forward_ms'] is None else format(r['forward_ms'], '.0f')} |"
             for r in rows
         ),
     ]
