@@ -200,7 +200,9 @@ class EntityDataModule(L.LightningDataModule):
         if hp.synthetic is None:
             if hp.val_json is None or hp.val_images is None:
                 key = "val_json" if hp.val_json is None else "val_images"
-                raise ConfigError(key, None, "must name the validation set")
+                raise ConfigError(
+                    key, None, "is required: the validation set's annotation json and its images"
+                )
             for key, paths, exists, what in (
                 ("train_json", [j for j, _ in parts], Path.is_file, "annotation file"),
                 ("val_json", [hp.val_json], Path.is_file, "annotation file"),
@@ -217,10 +219,13 @@ class EntityDataModule(L.LightningDataModule):
         """The training set's (json, image folder) pairs: one, or one per part."""
         hp = self.hparams
         jsons, folders = _as_paths(hp.train_json), _as_paths(hp.train_images)
-        if jsons is None:
-            raise ConfigError("train_json", hp.train_json, "must be a path or a list of paths")
-        if folders is None:
-            raise ConfigError("train_images", hp.train_images, "must be a path or a list of paths")
+        for key, paths in (("train_json", jsons), ("train_images", folders)):
+            if hp[key] is None:
+                raise ConfigError(
+                    key, None, "is required: the training set's annotation json(s) and images"
+                )
+            if paths is None:
+                raise ConfigError(key, hp[key], "must be a path or a list of paths")
         if len(folders) == 1:
             folders = folders * len(jsons)
         if len(folders) != len(jsons):
@@ -263,8 +268,9 @@ class EntityDataModule(L.LightningDataModule):
             unused = split == "train" and not self.hparams.for_training
             if split not in splits or unused or Path(json_path).is_file():
                 continue
+            _check_synthetic_target(f"{split}_json", Path(json_path))
             log.info("generating the synthetic %s set in %s", split, Path(json_path).parent)
-            written = generate_dataset(
+            generate_dataset(
                 Path(json_path).parent,
                 num_images=int(syn[f"num_{split}"]),
                 seed=int(syn["seed"]) + offset,
@@ -273,12 +279,6 @@ class EntityDataModule(L.LightningDataModule):
                 **{k: int(syn[k]) for k in ("num_objects", "num_small") if k in syn},
                 show_progress=True,
             )
-            if written != Path(json_path):
-                raise ConfigError(
-                    f"{split}_json",
-                    json_path,
-                    "synthetic data is written as <folder>/annotations.json",
-                )
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -339,6 +339,21 @@ class EntityDataModule(L.LightningDataModule):
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.hparams.persistent_workers and workers > 0,
             collate_fn=self.collate,
+        )
+
+
+def _check_synthetic_target(key: str, json_path: Path) -> None:
+    """Generate a synthetic set only where it cannot be a user's data: as
+    ``<folder>/annotations.json`` into a new or empty folder. A missing path of one's own (a
+    typo: ``mydata/instance.json``) stops in one line naming the key, and writes nothing."""
+    folder = json_path.parent
+    if json_path.name != "annotations.json" or (folder.exists() and any(folder.iterdir())):
+        raise ConfigError(
+            f"data.{key}",
+            str(json_path),
+            "annotation file not found (a synthetic set is generated only as annotations.json "
+            f"into a new or empty folder, and {folder} is not one: check the path, or use "
+            "data=coco for data of your own)",
         )
 
 
