@@ -15,7 +15,6 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from omegaconf import OmegaConf
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from conftest import (
     PHOTOS,
@@ -31,10 +30,9 @@ from entityseg.app.service import (
     SegmentationService,
     UploadError,
     read_upload,
-    recovered_entities,
 )
 from entityseg.config import ConfigError
-from entityseg.inference.fusion import Entities
+from entityseg.inference.compare import compare_entities
 
 #: The served page refuses uploads above this (the photos are at most 128 x 96 = 0.0123 MP).
 MAX_MEGAPIXELS = 0.015
@@ -174,37 +172,15 @@ def test_comparison_shows_what_the_crops_recovered(client, segmenter, photos):
     path = photos / "rgb.jpg"
     outputs = segment(client, path, "batch_o", compare=True)
     image_o, batch_oc = segmenter(path, "image_o"), segmenter(path, "batch_oc")
-    recovered = recovered_entities(batch_oc, image_o)
-    assert f"Image-O finds {len(image_o)}, Batch-OC recovers {len(recovered)}" in outputs[2]
+    counts = compare_entities(batch_oc, image_o).counts()  # tests/inference/test_compare.py
+    assert (
+        f"Image-O finds {len(image_o)}; Batch-OC recovers {counts['recovered']} (mostly outside "
+        f"every Image-O entity), merges {counts['merged']} and splits {counts['split']}"
+    ) in outputs[2]
     assert outputs[2].startswith(f"**{len(segmenter(path, 'batch_o'))} entities (Batch-O)")
     assert outputs[3]["visible"] is True
     comparison = np.asarray(Image.open(outputs[3]["value"]))
     assert comparison.shape[1] > comparison.shape[0]  # two panels side by side
-
-
-def test_recovered_entities_against_a_naive_iou():
-    rng = np.random.default_rng(0)
-    masks = rng.random((7, 20, 24)) < 0.3
-    masks[1] = masks[0]  # found twice: not recovered
-    masks[3, :10] = masks[4, :10]  # overlaps a baseline entity by about half
-
-    def entities(stack):
-        rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in stack]
-        for rle in rles:
-            rle["counts"] = rle["counts"].decode()
-        scores = np.linspace(0.9, 0.1, len(stack))
-        import torch
-
-        return Entities(rles, torch.tensor(scores), torch.arange(len(stack)), (20, 24))
-
-    found, baseline = entities(masks[[0, 2, 3, 5]]), entities(masks[[1, 4, 6]])
-    naive = []
-    for k, f in enumerate(masks[[0, 2, 3, 5]]):
-        ious = [(f & b).sum() / (f | b).sum() for b in masks[[1, 4, 6]]]
-        if max(ious) < 0.5:
-            naive.append(k)
-    assert recovered_entities(found, baseline) == naive and 0 not in naive
-    assert recovered_entities(found, entities(masks[:0])) == [0, 1, 2, 3]
 
 
 def test_bad_uploads_are_one_line_messages(client, photos, tmp_path):

@@ -55,6 +55,7 @@ import json
 import logging
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -90,6 +91,8 @@ log = logging.getLogger(__name__)
 
 #: How many skipped photos the last line names (each has its own log line).
 SHOWN_SKIPS = 10
+#: ``inference.compare``'s counts per image and over the input.
+COMPARISON_NAME = "comparison.json"
 #: ``output_format``: COCO results only, or also one json per image (SA-1B's layout).
 OUTPUT_FORMATS = ("coco", "per_image")
 
@@ -107,9 +110,9 @@ def run_settings(cfg: DictConfig, segmenter: EntitySegmenter) -> dict:
     return json.loads(json.dumps(settings))  # tuples as lists, as read back
 
 
-def outputs_from_config(cfg: DictConfig) -> Outputs:
-    """``output``, ``save_pictures``, ``output_format`` (and ``merge``, ``input_recursive``),
-    checked before any work."""
+def outputs_from_config(cfg: DictConfig, settings: InferenceSettings) -> Outputs:
+    """``output``, ``save_pictures``, ``output_format``, ``inference.mode`` and ``compare``
+    (and ``merge``, ``input_recursive``), checked before any work."""
     if cfg.save_pictures not in PICTURES:
         raise ConfigError("save_pictures", cfg.save_pictures, f"expected one of {list(PICTURES)}")
     if cfg.output_format not in OUTPUT_FORMATS:
@@ -117,14 +120,20 @@ def outputs_from_config(cfg: DictConfig) -> Outputs:
     for key in ("merge", "input_recursive"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(key, cfg[key], "must be true or false")
-    return Outputs(Path(cfg.output), cfg.save_pictures, cfg.output_format == "per_image")
+    return Outputs(
+        Path(cfg.output),
+        settings.mode,
+        cfg.save_pictures,
+        cfg.output_format == "per_image",
+        settings.compare,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @exits_on_config_error
 def main(cfg: DictConfig) -> None:
     settings = InferenceSettings.from_config(cfg.inference)  # a bad one stops before any work
-    outputs = outputs_from_config(cfg)
+    outputs = outputs_from_config(cfg, settings)
     inputs = find_inputs(cfg.input, cfg.input_recursive)
     if inputs.unlisted:
         log.warning(
@@ -138,7 +147,7 @@ def main(cfg: DictConfig) -> None:
         outputs.folder,
         inputs,
         outputs.relative_of,
-        [PREDICTIONS_NAME, INDEX_NAME, shard_path(Path(), 0).name],
+        [PREDICTIONS_NAME, INDEX_NAME, COMPARISON_NAME, shard_path(Path(), 0).name],
         others=(cfg.ckpt_path, cfg.gt),
     )
     try:
@@ -161,7 +170,11 @@ def main(cfg: DictConfig) -> None:
         batch_size=settings.batch_size,
         num_workers=cfg.data.num_workers,
     )
-    module = SegmenterModule(segmenter.net, segmenter.settings, [segmenter.settings.mode])
+    modes = list(dict.fromkeys([segmenter.settings.mode, *settings.compare]))
+    if segmenter.usable_modes(modes) != modes:
+        raise ConfigError("inference.compare", list(settings.compare), "needs the batch decoder")
+    outputs = replace(outputs, mode=segmenter.settings.mode)  # image_o for a Mask2Former
+    module = SegmenterModule(segmenter.net, segmenter.settings, modes)
     progress = RunProgress(datamodule)
     trainer = inference_trainer(cfg.trainer, settings, [ShardWriter(outputs, record), progress])
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
@@ -180,6 +193,8 @@ def main(cfg: DictConfig) -> None:
     records = read_shards(outputs.folder, record)
     names = (item.name for item in inputs)
     summary = merge_shards(names, records, outputs.folder / PREDICTIONS_NAME if cfg.merge else None)
+    if outputs.compare:
+        _write_comparison(outputs, summary)
     if not cfg.merge:
         log.info(
             "wrote %s: the shards hold the predictions",
@@ -187,6 +202,30 @@ def main(cfg: DictConfig) -> None:
         )
     seconds = time.perf_counter() - progress.started if progress.started else 0.0
     _report(summary, inputs, len(datamodule.todo), seconds, outputs.folder, trainer)
+
+
+def _write_comparison(outputs: Outputs, summary: RunSummary) -> None:
+    """``comparison.json``: each image's counts of ``inference.compare`` and their sum, and
+    the sum in one log line."""
+    total = {key: 0 for key in ("matched", "recovered", "merged", "split")}
+    for counts in summary.compared.values():
+        for key in total:
+            total[key] += counts[key]
+    baseline, found = outputs.compare
+    path = outputs.folder / COMPARISON_NAME
+    path.write_text(
+        json.dumps(
+            {"baseline": baseline, "found": found, "images": summary.compared, "total": total}
+        )
+    )
+    log.info(
+        "%s against %s over %d images: %d matched, %d recovered, %d merged, %d split (%s)",
+        found,
+        baseline,
+        len(summary.compared),
+        *total.values(),
+        path,
+    )
 
 
 def _report(

@@ -36,9 +36,24 @@ def id_map_from_rles(rles: Sequence[dict], height: int, width: int) -> np.ndarra
     return id_map_from_masks((mask_utils.decode(r) for r in rles), height, width)
 
 
-def overlay_id_map(image: np.ndarray, id_map: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Blend each entity of an id map over an RGB image in its own colour, outlines in white."""
-    colors = np.concatenate([np.zeros((1, 3), np.uint8), entity_colors(int(id_map.max()))])
+def overlay_id_map(
+    image: np.ndarray,
+    id_map: np.ndarray,
+    alpha: float = 0.55,
+    color_indices: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend each entity of an id map over an RGB image in its own colour, outlines in white.
+
+    Entity k (id k + 1) takes colour k of :func:`entity_colors`, or colour
+    ``color_indices[k]``: two pictures of one image colour the same entity alike
+    (:func:`~entityseg.inference.compare.matched_colors`)."""
+    count = int(id_map.max())
+    if color_indices is None:
+        palette = entity_colors(count)
+    else:
+        indices = np.asarray(color_indices[:count], dtype=np.int64)
+        palette = entity_colors(int(indices.max()) + 1 if count else 0)[indices]
+    colors = np.concatenate([np.zeros((1, 3), np.uint8), palette])
     painted = colors[id_map].astype(np.float32)
     covered = (id_map > 0)[..., None]
     out = np.where(covered, (1 - alpha) * image + alpha * painted, image).astype(np.uint8)
@@ -130,16 +145,26 @@ def image_grid(tiles: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.nd
 def compare_modes(
     image: np.ndarray, entities_by_mode: dict, crop_boxes: Sequence[Sequence[float]]
 ) -> np.ndarray:
-    """Side by side: the image with its crops I^C drawn, then each mode's entities (labelled).
+    """Side by side: the image with its crops I^C drawn, then each mode's entities (labelled),
+    an entity matched to one of the first mode's (IoU matching,
+    :func:`~entityseg.inference.compare.compare_entities`) in that entity's colour.
 
     ``entities_by_mode`` maps a mode name (e.g. ``image_o``, ``batch_oc``) to its
     :class:`~entityseg.inference.fusion.Entities`; ``crop_boxes`` are the crops in pixels.
     """
+    from entityseg.inference.compare import compare_entities, matched_colors
+
     height, width = image.shape[:2]
     panels = [labelled(draw_boxes(image, crop_boxes), "crops")]
+    baseline = next(iter(entities_by_mode.values()), None)
     for mode, entities in entities_by_mode.items():
         id_map = id_map_from_rles(entities.rles, height, width)
-        panels.append(labelled(overlay_id_map(image, id_map), f"{mode}: {len(entities)}"))
+        colors = None
+        if entities is not baseline:
+            comparison = compare_entities(entities, baseline)
+            colors = matched_colors(comparison, len(entities), len(baseline))
+        picture = overlay_id_map(image, id_map, color_indices=colors)
+        panels.append(labelled(picture, f"{mode}: {len(entities)}"))
     return side_by_side(panels)
 
 

@@ -340,3 +340,41 @@ def test_shards_latest_line_wins_and_the_counter_counts_new_lines(tmp_path):
     assert (tmp_path / "predictions.rank0.jsonl").read_bytes() == (
         tmp_path / "copy.txt"
     ).read_bytes().rsplit(b"\n", 1)[0] + b"\n"
+
+
+def test_compare_puts_two_modes_side_by_side_with_counts_per_image_and_in_all(tree):
+    from entityseg import EntitySegmenter
+    from entityseg.inference.compare import compare_entities
+
+    checkpoint, photos, single = tree
+    out = single.parent / "compared"
+    with one_thread():
+        predict_here(
+            checkpoint,
+            photos / "b",
+            out,
+            "input_recursive=true",
+            "inference.compare=[image_o,batch_oc]",
+        )
+        segmenter = EntitySegmenter.from_checkpoint(checkpoint, device="cpu")
+        expected = {
+            name: compare_entities(
+                segmenter(photos / "b" / name, "batch_oc"),
+                segmenter(photos / "b" / name, "image_o"),
+            ).counts()
+            for name in ("c/1.jpg", "c/z.jpg", "y.png")
+        }
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert (comparison["baseline"], comparison["found"]) == ("image_o", "batch_oc")
+    assert comparison["images"] == expected
+    assert comparison["total"] == {
+        key: sum(counts[key] for counts in expected.values()) for key in expected["y.png"]
+    }
+    for name in expected:  # the side-by-side picture: crops, Image-O, Batch-OC
+        picture = Image.open(out / f"{name.rsplit('.', 1)[0]}_compare.jpg")
+        assert picture.width > 3 * Image.open(photos / "b" / name).width
+    # the predictions are the mode's, as without the comparison
+    reference = [r for r in predictions(single) if r["file_name"].startswith("b/")]
+    assert [
+        {**r, "file_name": "b/" + r["file_name"], "image_id": None} for r in predictions(out)
+    ] == [{**r, "image_id": None} for r in reference]

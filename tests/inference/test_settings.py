@@ -1,6 +1,7 @@
 """InferenceSettings: built from conf/inference or keywords, checked once, one line per error."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -77,3 +78,18 @@ def test_precision_and_compat_as_the_runner_reads_them():
     assert InferenceSettings(compat="release").fusion_compat == "release"
     assert InferenceSettings(device=torch.device("cpu")).device == "cpu"
     assert set(InferenceSettings().modes) == set(INFERENCE_MODES)
+
+
+@pytest.mark.parametrize(
+    ("compare", "problem"),
+    [
+        (["image_o"], "must be two different modes, or []"),
+        (["batch_oc", "batch_oc"], "must be two different modes, or []"),
+        ("image_o", "must be a list of two modes, or []"),
+        (["image_o", "batch_x"], "unknown inference mode"),
+    ],
+)
+def test_compare_takes_two_different_modes(compare, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        InferenceSettings(compare=compare)
+    assert InferenceSettings(compare=["image_o", "batch_oc"]).compare == ("image_o", "batch_oc")

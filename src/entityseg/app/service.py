@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pycocotools.mask as mask_utils
 
 from entityseg.api import EntitySegmenter
 from entityseg.data.coco_entity import open_image, read_rgb_image
 from entityseg.data.errors import EntityDataError
+from entityseg.inference.compare import ModeComparison, compare_entities
 from entityseg.inference.fusion import Entities
 from entityseg.inference.settings import INFERENCE_MODES, PAPER_NAMES
 from entityseg.inference.writing import picture_paths, prediction_records, write_pictures
@@ -39,9 +39,6 @@ from entityseg.viz import (
 
 #: (fraction done, what runs now): how the page shows progress (``gr.Progress`` is one).
 Progress = Callable[..., object]
-
-#: A Batch-OC entity is "recovered by the crops" when no Image-O entity overlaps it this much.
-RECOVERED_IOU = 0.5
 
 
 class UploadError(ValueError):
@@ -74,15 +71,17 @@ class Segmentation:
     mode: str = "batch_oc"
     comparison: np.ndarray | None = None  # Image-O | Batch-OC with what the crops recovered
     image_o_count: int | None = None
-    recovered: int | None = None  # Batch-OC entities that Image-O missed
+    compared: ModeComparison | None = None  # Batch-OC against Image-O
 
     def summary(self) -> str:
-        """One line for the page: the entity count, the time, and what the crops recovered."""
+        """One line for the page: the entity count, the time, and what the crops changed."""
         line = f"{len(self.entities)} entities ({PAPER_NAMES[self.mode]}) in {self.seconds:.2f} s"
-        if self.recovered is not None:
+        if self.compared is not None:
+            counts = self.compared.counts()
             line += (
-                f"; Image-O finds {self.image_o_count}, Batch-OC recovers {self.recovered} "
-                f"that Image-O misses (IoU < {RECOVERED_IOU})"
+                f"; Image-O finds {self.image_o_count}; Batch-OC recovers {counts['recovered']} "
+                "(mostly outside every Image-O entity), merges "
+                f"{counts['merged']} and splits {counts['split']}"
             )
         return line
 
@@ -112,25 +111,13 @@ def read_upload(path: str | Path, max_megapixels: float) -> np.ndarray:
         raise UploadError(f"{path.name}: {problem}") from None
 
 
-def recovered_entities(
-    found: Entities, baseline: Entities, min_iou: float = RECOVERED_IOU
-) -> list[int]:
-    """Indices of ``found``'s entities that no entity of ``baseline`` overlaps by ``min_iou``
-    mask IoU or more (pycocotools): e.g. what Batch-OC's crops recovered beside Image-O."""
-    if not found.rles:
-        return []
-    if not baseline.rles:
-        return list(range(len(found)))
-    ious = mask_utils.iou(found.rles, baseline.rles, [0] * len(baseline))  # [K, K']
-    return np.flatnonzero(np.asarray(ious).max(axis=1) < min_iou).tolist()
-
-
 def comparison_picture(
-    image: np.ndarray, image_o: Entities, batch_oc: Entities, recovered: list[int]
+    image: np.ndarray, image_o: Entities, batch_oc: Entities, compared: ModeComparison
 ) -> np.ndarray:
     """Image-O's entities beside Batch-OC's, the entities Batch-OC recovered in colour (ringed
     in yellow) and the others outlined, the crops drawn."""
     height, width = image.shape[:2]
+    recovered = compared.recovered
     left = overlay_id_map(image, id_map_from_rles(image_o.rles, height, width))
     right = highlight_entities(
         image, id_map_from_rles(batch_oc.rles, height, width), [k + 1 for k in recovered]
@@ -237,12 +224,12 @@ class SegmentationService:
         )
         if compare:
             report(0.9, desc="comparing Image-O with Batch-OC")
-            recovered = recovered_entities(per_mode["batch_oc"], per_mode["image_o"])
+            compared = compare_entities(per_mode["batch_oc"], per_mode["image_o"])
             result.comparison = comparison_picture(
-                image, per_mode["image_o"], per_mode["batch_oc"], recovered
+                image, per_mode["image_o"], per_mode["batch_oc"], compared
             )
             result.image_o_count = len(per_mode["image_o"])
-            result.recovered = len(recovered)
+            result.compared = compared
         return result
 
     def shown(self, picture: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from entityseg.data.views import ViewConfig
+from entityseg.inference.compare import compare_entities
 from entityseg.inference.inputs import Inputs
 from entityseg.inference.module import PredictedBatch
 from entityseg.inference.photos import PhotoDataset, collate_photos
@@ -38,32 +39,44 @@ from entityseg.inference.shards import (
 from entityseg.inference.writing import (
     output_paths,
     prediction_records,
+    write_comparison,
     write_image_json,
     write_pictures,
 )
+from entityseg.viz import compare_modes
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Outputs:
-    """Where and what a run writes: its folder, the pictures (``all``, ``id_map``, ``none``),
-    and whether each image gets a json of its own (``output_format=per_image``)."""
+    """Where and what a run writes: its folder, the mode written, the pictures (``all``,
+    ``id_map``, ``none``), whether each image gets a json of its own
+    (``output_format=per_image``), and the two modes put side by side (``inference.compare``:
+    baseline first), if any."""
 
     folder: Path
+    mode: str = "batch_oc"
     save_pictures: str = "all"
     per_image: bool = False
+    compare: tuple[str, ...] = ()
 
     def of(self, name: str) -> list[Path]:
         """Every file written for the input ``name`` (``a/1.jpg``)."""
-        return output_paths(self.folder, _stem(name), self.save_pictures, self.per_image)
+        return self._paths(self.folder, name)
 
     def relative_of(self, name: str) -> list[str]:
         """:meth:`of`, relative to :attr:`folder` (posix)."""
-        return [
-            p.as_posix()
-            for p in output_paths(Path(), _stem(name), self.save_pictures, self.per_image)
-        ]
+        return [p.as_posix() for p in self._paths(Path(), name)]
+
+    def _paths(self, folder: Path, name: str) -> list[Path]:
+        stem = _stem(name)
+        return output_paths(folder, stem, self.save_pictures, self.per_image, bool(self.compare))
+
+    @property
+    def needs_photo(self) -> bool:
+        """Whether the photo itself travels with its entities (to draw on it)."""
+        return self.save_pictures == "all" or bool(self.compare)
 
 
 def _stem(name: str) -> str:
@@ -151,7 +164,7 @@ class PhotoDataModule(L.LightningDataModule):
             todo,
             ids,
             self.views,
-            keep_image=self.outputs.save_pictures == "all",
+            keep_image=self.outputs.needs_photo,
             allowed=set(self.known_ids) if self.known_ids else None,
             allowed_by=f"gt={self.gt}",
         )
@@ -214,13 +227,21 @@ class ShardWriter(BasePredictionWriter):
             log.error("skipped: %s", failed["failure"])
             append_skipped(self.shard, failed["name"], failed["failure"])
         for image in prediction.images:
-            (entities,) = image.entities.values()
+            entities = image.entities[self.outputs.mode]
             stem = _stem(image.name)
             write_pictures(image.rgb, entities, folder, stem, self.outputs.save_pictures)
             if self.outputs.per_image:
                 write_image_json(entities, folder, stem, image.image_id, image.name)
+            counts = None
+            if self.outputs.compare:
+                baseline, found = (image.entities[mode] for mode in self.outputs.compare)
+                compared = compare_entities(found, baseline)
+                pair = dict(zip(self.outputs.compare, (baseline, found), strict=True))
+                picture = compare_modes(image.rgb, pair, found.crop_boxes.tolist())
+                write_comparison(picture, folder, stem)
+                counts = compared.counts()
             records = prediction_records(entities, image.image_id, image.name)
-            append_done(self.shard, image.name, Path(image.path), image.image_id, records)
+            append_done(self.shard, image.name, Path(image.path), image.image_id, records, counts)
 
 
 class RunProgress(L.Callback):

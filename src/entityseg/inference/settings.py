@@ -65,6 +65,10 @@ class InferenceSettings:
             as AP^e needs).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...
         precision: ``fp32``, or ``bf16`` (the network under bf16 autocast).
+        compare: two modes ``predict`` puts side by side for every image (``[image_o,
+            batch_oc]``: the first is the baseline), or none: the picture
+            ``<stem>_compare.jpg``, the counts of matched, recovered, merged and split
+            entities (:mod:`~entityseg.inference.compare`) and their sum over the input.
         batch_size: images ``predict`` and ``evaluate`` load at once; those of one network
             input size go through the network together (a smaller image is never padded to
             another's size, which would change its entities).
@@ -82,6 +86,7 @@ class InferenceSettings:
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 1
+    compare: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.device, torch.device):
@@ -102,6 +107,16 @@ class InferenceSettings:
         for key in ("overlapping", "cuda_graphs"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"inference.{key}", getattr(self, key), "must be true or false")
+        compare = self.compare
+        if isinstance(compare, str) or not isinstance(compare, Iterable):
+            raise ConfigError("inference.compare", compare, "must be a list of two modes, or []")
+        object.__setattr__(self, "compare", tuple(compare))
+        if self.compare and (len(self.compare) != 2 or len(set(self.compare)) != 2):
+            raise ConfigError(
+                "inference.compare", list(compare), "must be two different modes, or []"
+            )
+        for mode in self.compare:
+            check_mode(mode, "inference.compare")
         if not _integer(self.batch_size) or self.batch_size < 1:
             raise ConfigError("inference.batch_size", self.batch_size, "must be an integer >= 1")
         if not _integer(self.query_chunk) or self.query_chunk < 1:
@@ -162,6 +177,7 @@ class InferenceSettings:
         """The settings as json values (``modes`` a list), as checkpoints store them."""
         values = {key: getattr(self, key) for key in self.names()}
         values["modes"] = list(self.modes)
+        values["compare"] = list(self.compare)
         return values
 
     def torch_device(self) -> torch.device:

@@ -170,19 +170,23 @@ def _append(shard: BinaryIO, record: dict) -> None:
 
 
 def append_done(
-    shard: BinaryIO, name: str, path: Path, image_id: int, predictions: list[dict]
+    shard: BinaryIO,
+    name: str,
+    path: Path,
+    image_id: int,
+    predictions: list[dict],
+    compare: dict[str, int] | None = None,
 ) -> None:
     """Record a finished image (after its outputs are on disk): its name, id, the identity
-    of the photo it was predicted from, and its COCO results."""
-    _append(
-        shard,
-        {
-            "file_name": name,
-            "image_id": image_id,
-            "source": file_identity(path),
-            "predictions": predictions,
-        },
-    )
+    of the photo it was predicted from, its COCO results, and (``inference.compare``) the
+    counts of its two modes' comparison."""
+    record = {
+        "file_name": name,
+        "image_id": image_id,
+        "source": file_identity(path),
+        "predictions": predictions,
+    }
+    _append(shard, record if compare is None else {**record, "compare": compare})
 
 
 def append_skipped(shard: BinaryIO, name: str, reason: str) -> None:
@@ -199,6 +203,7 @@ class RunSummary:
     entities: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     missing: list[str] = field(default_factory=list)
+    compared: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> counts
 
 
 def merge_shards(
@@ -223,7 +228,10 @@ def merge_shards(
                 summary.skipped.append((name, record.skipped))
                 continue
             shards[record.shard].seek(record.offset)
-            predictions = json.loads(shards[record.shard].readline())["predictions"]
+            line = json.loads(shards[record.shard].readline())
+            predictions = line["predictions"]
+            if "compare" in line:
+                summary.compared[name] = line["compare"]
             if dst is not None:
                 for number, prediction in enumerate(predictions, start=summary.entities):
                     dst.write((", " if number else "") + json.dumps(prediction))

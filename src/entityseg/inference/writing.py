@@ -83,11 +83,28 @@ def image_json_path(out_dir: Path, stem: str) -> Path:
     return out_dir / f"{stem}.json"
 
 
-def output_paths(out_dir: Path, stem: str, save_pictures: str, per_image: bool) -> list[Path]:
+def comparison_path(out_dir: Path, stem: str) -> Path:
+    """Two modes' entities side by side (``inference.compare``)."""
+    return out_dir / f"{stem}_compare.jpg"
+
+
+def output_paths(
+    out_dir: Path, stem: str, save_pictures: str, per_image: bool, compare: bool = False
+) -> list[Path]:
     """Every file a prediction run writes for an image: the pictures ``save_pictures`` asks
-    for (``all``: id map and overlay; ``id_map``; ``none``) and its json when ``per_image``."""
+    for (``all``: id map and overlay; ``id_map``; ``none``), its json when ``per_image`` and
+    the side-by-side picture when ``compare``."""
     pictures = list(picture_paths(out_dir, stem))[: PICTURES[save_pictures]]
-    return pictures + ([image_json_path(out_dir, stem)] if per_image else [])
+    pictures += [image_json_path(out_dir, stem)] if per_image else []
+    return pictures + ([comparison_path(out_dir, stem)] if compare else [])
+
+
+def write_comparison(picture: np.ndarray, out_dir: Path, stem: str) -> Path:
+    """The side-by-side picture of :func:`comparison_path`, written whole or not at all."""
+    path = comparison_path(out_dir, stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_then_rename(Image.fromarray(picture), path, "JPEG", quality=90)
+    return path
 
 
 def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **options) -> None:
