@@ -378,3 +378,14 @@ def test_compare_puts_two_modes_side_by_side_with_counts_per_image_and_in_all(tr
     assert [
         {**r, "file_name": "b/" + r["file_name"], "image_id": None} for r in predictions(out)
     ] == [{**r, "image_id": None} for r in reference]
+
+
+def test_a_folder_says_how_many_photos_its_subfolders_hold(tree, caplog):
+    checkpoint, photos, single = tree
+    with one_thread(), caplog.at_level("WARNING", logger="entityseg"):
+        predict_here(checkpoint, photos, single.parent / "top_only")  # not recursive
+    assert (
+        f"input={photos}: 6 image(s) in its subfolders are not included (input_recursive=true "
+        "includes them)"
+    ) in caplog.text
+    assert [r["file_name"] for r in predictions(single.parent / "top_only")][:1] == ["top.jpg"]
