@@ -52,15 +52,18 @@ class ModeComparison:
         }
 
 
-def intersections(found: Entities, baseline: Entities) -> np.ndarray:
-    """float64 [K, K']: the pixels each ``found`` mask shares with each ``baseline`` mask
-    (from pycocotools' IoU and the two areas: |A & B| = IoU (|A| + |B|) / (1 + IoU))."""
-    if not found.rles or not baseline.rles:
-        return np.zeros((len(found), len(baseline)))
-    iou = np.asarray(mask_utils.iou(found.rles, baseline.rles, [0] * len(baseline)))
-    areas_a = found.areas.numpy().astype(np.float64)[:, None]
-    areas_b = baseline.areas.numpy().astype(np.float64)[None, :]
-    return np.rint(iou * (areas_a + areas_b) / (1 + iou))
+def shared_pixels(iou: np.ndarray, areas_a: np.ndarray, areas_b: np.ndarray) -> np.ndarray:
+    """float64 [K, K']: the pixels two sets of masks share, from pycocotools' IoU and their
+    areas: |A & B| = IoU (|A| + |B|) / (1 + IoU)."""
+    a, b = areas_a.astype(np.float64)[:, None], areas_b.astype(np.float64)[None, :]
+    return np.rint(iou * (a + b) / (1 + iou))
+
+
+def _iou(rles_a: list[dict], rles_b: list[dict]) -> np.ndarray:
+    """Mask IoU [K, K'] by pycocotools (no crowd)."""
+    if not rles_a or not rles_b:
+        return np.zeros((len(rles_a), len(rles_b)))
+    return np.asarray(mask_utils.iou(rles_a, rles_b, [0] * len(rles_b)))
 
 
 def compare_entities(
@@ -70,39 +73,24 @@ def compare_entities(
     docstring); e.g. ``compare_entities(batch_oc, image_o)``."""
     if found.image_size != baseline.image_size:
         raise ValueError(f"entities of {found.image_size} and {baseline.image_size} images")
-    matches: list[tuple[int, int]] = []
-    if found.rles and baseline.rles:
-        iou = np.asarray(mask_utils.iou(found.rles, baseline.rles, [0] * len(baseline)))
-        rows, cols = linear_sum_assignment(-iou)
-        matches = [
-            (int(r), int(c)) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= min_iou
-        ]
-    shared = intersections(found, baseline)  # [K, K']
-    found_areas = found.areas.numpy().astype(np.float64)
-    baseline_areas = baseline.areas.numpy().astype(np.float64)
-    if baseline.rles:  # pixels of each found entity inside any baseline entity
+    iou = _iou(found.rles, baseline.rles)  # [K, K']
+    rows, cols = linear_sum_assignment(-iou)
+    matches = [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= min_iou]
+    found_areas = found.areas.numpy()
+    baseline_areas = baseline.areas.numpy()
+    shared = shared_pixels(iou, found_areas, baseline_areas)
+    covered = np.zeros(len(found))  # pixels of each found entity inside any baseline entity
+    if baseline.rles:
         union = mask_utils.merge(baseline.rles, intersect=False)
-        covered = intersections(found, _single(union, baseline)).ravel()
-    else:
-        covered = np.zeros(len(found))
+        covered = shared_pixels(
+            _iou(found.rles, [union]), found_areas, mask_utils.area([union])
+        ).ravel()
     recovered = np.flatnonzero(covered < MOST * found_areas).tolist()
     holds_baseline = shared > MOST * baseline_areas[None, :]  # found k holds most of baseline j
     merged = np.flatnonzero(holds_baseline.sum(axis=1) >= 2).tolist()
     holds_found = shared > MOST * found_areas[:, None]  # baseline j holds most of found k
     split = np.flatnonzero(holds_found.sum(axis=0) >= 2).tolist()
     return ModeComparison(matches, recovered, merged, split)
-
-
-def _single(rle: dict, like: Entities) -> Entities:
-    """One mask as :class:`Entities` of ``like``'s image (for :func:`intersections`)."""
-    import torch
-
-    return Entities(
-        rles=[rle],
-        scores=torch.ones(1),
-        query_indices=torch.zeros(1, dtype=torch.long),
-        image_size=like.image_size,
-    )
 
 
 def matched_colors(comparison: ModeComparison, found: int, baseline: int) -> np.ndarray:

@@ -20,13 +20,13 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, overload
 
 import numpy as np
 
 from entityseg.data.coco_entity import IMAGE_SUFFIXES
-from entityseg.inference.writing import InputError
+from entityseg.inference.writing import InputError, partial_path
 
 #: ``input=`` a text file with these suffixes: one image path per line.
 LIST_SUFFIXES = (".txt", ".lst")
@@ -271,12 +271,6 @@ def check_unique_outputs(inputs: Inputs) -> None:
         seen.add(stem)
 
 
-def _partial_name(rel: str) -> str:
-    """:func:`~entityseg.inference.writing.partial_path` of a posix name: ``a/.1.png.partial``."""
-    folder, slash, file_name = rel.rpartition("/")
-    return f"{folder}{slash}.{file_name}.partial"
-
-
 def check_outputs_spare_inputs(
     out_dir: Path,
     inputs: Inputs,
@@ -316,7 +310,7 @@ def check_outputs_spare_inputs(
         return
 
     def check(rel: str) -> None:
-        for written in (rel, _partial_name(rel)):
+        for written in (rel, partial_path(PurePosixPath(rel)).as_posix()):
             if written in hit:
                 victim = str(inputs.root / (below + written[len(above) :]))
             elif written in other_names:

@@ -17,14 +17,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from entityseg.atomic_checkpoint import fsync_folder
-from entityseg.inference.writing import InputError, partial_path
+from entityseg.inference.writing import InputError, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -216,35 +216,47 @@ def merge_shards(
         shards = {
             p: stack.enter_context(open(p, "rb")) for p in {r.shard for r in records.values()}
         }
-        dst = None if out is None else stack.enter_context(open(partial_path(out), "w"))
-        if dst is not None:
-            dst.write("[")
-        for name in names:
-            record = records.get(name)
-            if record is None:
-                summary.missing.append(name)
-                continue
-            if not record.done:
-                summary.skipped.append((name, record.skipped))
-                continue
-            shards[record.shard].seek(record.offset)
-            line = json.loads(shards[record.shard].readline())
-            predictions = line["predictions"]
-            if "compare" in line:
-                summary.compared[name] = line["compare"]
-            if dst is not None:
-                for number, prediction in enumerate(predictions, start=summary.entities):
-                    dst.write((", " if number else "") + json.dumps(prediction))
-            summary.entities += len(predictions)
-            summary.images += 1
-        if dst is not None:
-            dst.write("]")
-            dst.flush()
-            os.fsync(dst.fileno())
-    if out is not None:
-        os.replace(partial_path(out), out)
-        fsync_folder(out.parent)
+        merged = _predictions_in_order(names, records, shards, summary)
+        if out is None:
+            for _ in merged:  # counted into the summary only
+                pass
+        else:
+            write_whole(out, lambda f: _write_json_list(f, merged))
+            fsync_folder(out.parent)
     return summary
+
+
+def _predictions_in_order(
+    names: Iterable[str],
+    records: dict[str, Recorded],
+    shards: dict[Path, BinaryIO],
+    summary: RunSummary,
+) -> Iterator[dict]:
+    """Each recorded image's predictions, read from its shard line, ``names``' order; the
+    images, entities, skipped, missing and comparisons counted into ``summary``."""
+    for name in names:
+        record = records.get(name)
+        if record is None:
+            summary.missing.append(name)
+            continue
+        if not record.done:
+            summary.skipped.append((name, record.skipped))
+            continue
+        shards[record.shard].seek(record.offset)
+        line = json.loads(shards[record.shard].readline())
+        if "compare" in line:
+            summary.compared[name] = line["compare"]
+        summary.images += 1
+        summary.entities += len(line["predictions"])
+        yield from line["predictions"]
+
+
+def _write_json_list(f: BinaryIO, items: Iterable[dict]) -> None:
+    """A json list, one item at a time (a million images' predictions never in memory)."""
+    f.write(b"[")
+    for number, item in enumerate(items):
+        f.write((b", " if number else b"") + json.dumps(item).encode())
+    f.write(b"]")
 
 
 def write_index(out_dir: Path, summary: RunSummary, settings: dict, shown: int = 1000) -> Path:
@@ -262,9 +274,7 @@ def write_index(out_dir: Path, summary: RunSummary, settings: dict, shown: int =
         "settings": settings,
     }
     path = out_dir / INDEX_NAME
-    partial = partial_path(path)
-    partial.write_text(json.dumps(index, indent=2))
-    os.replace(partial, path)
+    write_whole(path, lambda f: f.write(json.dumps(index, indent=2).encode()))
     return path
 
 

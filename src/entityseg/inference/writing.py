@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -107,15 +108,21 @@ def write_comparison(picture: np.ndarray, out_dir: Path, stem: str) -> Path:
     return path
 
 
-def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **options) -> None:
-    """Write ``path`` under a temporary name, on disk (fsynced) before it is renamed, so that
-    it is either whole or absent, also after a power cut."""
+def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` under its partial name (:func:`partial_path`), on disk (fsynced) before
+    it is renamed, so that it is either whole or absent, also after a power cut. ``write``
+    writes the open binary file; the caller syncs the folder (once for several files)."""
     partial = partial_path(path)
     with open(partial, "wb") as f:
-        picture.save(f, format=image_format, **options)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+
+
+def _save_then_rename(picture: Image.Image, path: Path, image_format: str, **options) -> None:
+    """A picture written whole or not at all (:func:`write_whole`)."""
+    write_whole(path, lambda f: picture.save(f, format=image_format, **options))
 
 
 def write_pictures(
@@ -208,12 +215,7 @@ def write_image_json(
     }
     path = image_json_path(out_dir, stem)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
-    with open(partial, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    write_whole(path, lambda f: f.write(json.dumps(record).encode()))
     return path
 
 
